@@ -1,0 +1,68 @@
+# chatd: keep a device's chat identity logged in over MQTT.
+# `make help` lists the targets.
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
+BIN      := bin
+CMDS     := chatd chatctl chatgw
+export CGO_ENABLED ?= 0
+
+.DEFAULT_GOAL := help
+.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo clean
+
+help: ## List the targets.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+build: ## Build the binaries into bin/.
+	@mkdir -p $(BIN)
+	@for c in $(CMDS); do \
+		if [ -d cmd/$$c ]; then $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/$$c ./cmd/$$c || exit 1; fi; \
+	done
+
+test: ## Fast pure-Go tests; needs nothing installed (skips what needs Mosquitto or npm).
+	$(GO) test ./...
+
+deps: apt-deps npm-deps ## Install what `make check` needs (Debian packages, the npm package).
+
+# Debian packages the integration tests use. As root they are installed with
+# apt-get; otherwise the exact command is printed.
+APT_PKGS := mosquitto mosquitto-clients
+apt-deps:
+	@missing=""; for p in $(APT_PKGS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+		else \
+			echo "missing Debian packages:$$missing"; \
+			echo "run: sudo apt-get install -y$$missing"; exit 1; \
+		fi; \
+	fi
+
+npm-deps: usersig/interop/node_modules/.installed ## Install the official tls-sig-api-v2 npm package for the interop test.
+usersig/interop/node_modules/.installed: usersig/interop/package.json usersig/interop/package-lock.json
+	cd usersig/interop && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+vet: ## go vet.
+	$(GO) vet ./...
+
+fmt-check: ## Fail if gofmt would change a file.
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+fuzz: ## Run each fuzz target briefly (FUZZTIME, default 10s).
+	$(GO) test ./usersig -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(or $(FUZZTIME),10s)
+
+check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop.
+	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...
+
+demo: build ## Run the gateway with its embedded broker and a demo device under .demo/ (Ctrl-C stops all).
+	@./build/demo.sh
+
+clean: ## Remove build output and demo state.
+	rm -rf $(BIN) .demo

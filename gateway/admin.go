@@ -1,0 +1,110 @@
+package gateway
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+)
+
+// AdminHandler serves the admin API:
+//
+//	GET  /v1/sessions            active sessions
+//	GET  /v1/users/{user}        one user's state (online/offline) and sessions
+//	POST /v1/users/{user}/kick   kick every session, invalidate older UserSigs
+//	GET  /metrics                Prometheus text format
+//	GET  /healthz                liveness
+//
+// It has no authentication: serve it on a Unix socket or loopback only.
+func (g *Gateway) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
+		ss := g.Sessions("")
+		if ss == nil {
+			ss = []Session{}
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"sessions": ss})
+	})
+	mux.HandleFunc("GET /v1/users/{user}", func(w http.ResponseWriter, r *http.Request) {
+		user := r.PathValue("user")
+		ss := g.Sessions(user)
+		state := "offline"
+		for _, s := range ss {
+			if s.Online {
+				state = "online"
+			}
+		}
+		resp := map[string]any{"user_id": user, "state": state, "sessions": ss}
+		if ss == nil {
+			resp["sessions"] = []Session{}
+		}
+		if at, ok := g.RevokedBefore(user); ok {
+			resp["usersigs_revoked_before"] = at.UTC().Format(time.RFC3339)
+		}
+		writeJSON(w, http.StatusOK, resp)
+	})
+	mux.HandleFunc("POST /v1/users/{user}/kick", func(w http.ResponseWriter, r *http.Request) {
+		n, at, err := g.Kick(r.PathValue("user"))
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]any{"error": err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"kicked_sessions": n, "usersigs_revoked_before": at.UTC().Format(time.RFC3339)})
+	})
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		g.WriteMetrics(w)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, map[string]any{"error": fmt.Sprintf("no such endpoint %s %s; see GET /v1/sessions, GET /v1/users/{user}, POST /v1/users/{user}/kick, GET /metrics", r.Method, r.URL.Path)})
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// ListenAdmin listens on addr: a path (containing '/') is a Unix socket made
+// 0660; anything else is host:port and must be a loopback address, since
+// the API has no authentication of its own.
+func ListenAdmin(addr string) (net.Listener, error) {
+	if strings.Contains(addr, "/") {
+		if err := os.Remove(addr); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("admin socket %s: removing the old socket: %w", addr, err)
+		}
+		ln, err := net.Listen("unix", addr)
+		if err != nil {
+			return nil, fmt.Errorf("admin socket %s: %w", addr, err)
+		}
+		if err := os.Chmod(addr, 0o660); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("admin socket %s: %w", addr, err)
+		}
+		return ln, nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin address %q: use host:port (loopback) or a socket path: %w", addr, err)
+	}
+	ip := net.ParseIP(host)
+	if host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return nil, fmt.Errorf("admin address %q is not loopback: the admin API has no authentication; use 127.0.0.1:PORT or a Unix socket path", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin address %s: %w", addr, err)
+	}
+	return ln, nil
+}

@@ -1,0 +1,478 @@
+package gateway
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"chatd/mqtt"
+	"chatd/usersig"
+)
+
+// Session is one logged-in instance of a user. Ended sessions are kept for
+// a while (tombstones) so that a late resume is told why it cannot resume.
+type Session struct {
+	ID        string    `json:"id"`
+	UserID    string    `json:"user_id"`
+	Instance  string    `json:"instance"`
+	Platform  string    `json:"platform"`
+	LoginAt   time.Time `json:"login_at"`
+	ExpiresAt time.Time `json:"usersig_expires_at"` // the UserSig's expiry
+	Online    bool      `json:"online"`
+	LastSeen  time.Time `json:"last_seen"`
+
+	EndedAt   time.Time `json:"ended_at,omitzero"`
+	EndReason string    `json:"end_reason,omitempty"` // one of the End* constants
+	KickedBy  string    `json:"kicked_by,omitempty"`  // kick reason, for kicked sessions
+}
+
+// Why a session ended.
+const (
+	EndLogout   = "logout"
+	EndKicked   = "kicked"
+	EndExpired  = "expired"
+	EndReplaced = "replaced" // the same instance logged in again
+)
+
+// Active reports whether the session has not ended.
+func (s *Session) Active() bool { return s.EndReason == "" }
+
+// instanceState is what the gateway remembers about one instance of a user
+// between sessions.
+type instanceState struct {
+	// KickedOffline is set when a session of the instance was kicked while
+	// the instance was offline, so that it never saw the kick.
+	KickedOffline bool `json:"kicked_offline"`
+}
+
+// Outbound is a message for one device.
+type Outbound struct {
+	UserID   string
+	Instance string
+	Msg      mqtt.Message
+}
+
+// Config is what the engine enforces.
+type Config struct {
+	SDKAppID  uint64
+	Key       usersig.Secret
+	Policy    Policy
+	Instances Instances
+	// KickedOfflineFails makes the first login of an instance that was
+	// kicked while offline fail with 6208 (by default it succeeds).
+	KickedOfflineFails bool
+	// TombstoneTTL is how long ended sessions are remembered (default 7 days).
+	TombstoneTTL time.Duration
+	// MaxFailures failed logins of one user within FailureWindow answer
+	// 70050 until the window has passed (defaults 10 and 1 minute).
+	MaxFailures   int
+	FailureWindow time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Policy == 0 {
+		c.Policy = SinglePlatform
+	}
+	if c.Instances == nil {
+		c.Instances = DefaultInstances()
+	}
+	if c.TombstoneTTL == 0 {
+		c.TombstoneTTL = 7 * 24 * time.Hour
+	}
+	if c.MaxFailures == 0 {
+		c.MaxFailures = 10
+	}
+	if c.FailureWindow == 0 {
+		c.FailureWindow = time.Minute
+	}
+}
+
+// Validate says what is wrong with a configuration.
+func (c *Config) Validate() error {
+	if c.SDKAppID == 0 {
+		return errors.New("sdkappid is not set: pass --sdkappid or set sdkappid in the config file")
+	}
+	if c.Key.IsZero() {
+		return errors.New("secret key is empty: pass --key-file with the app's secret key")
+	}
+	return nil
+}
+
+type failures struct {
+	count int
+	since time.Time
+}
+
+// engine holds every rule of the gateway and its state, without I/O: each
+// call takes the current time and returns the messages to send. It is not
+// safe for concurrent use; Gateway serialises calls.
+type engine struct {
+	cfg      Config
+	newID    func() string
+	sessions map[string]*Session       // by session id, active and ended
+	insts    map[string]*instanceState // by user + "/" + instance
+	revoked  map[string]int64          // user -> Unix second of the last admin kick
+	failed   map[string]*failures      // user -> recent failed logins (memory only)
+	dirty    changes
+	stats    *stats
+}
+
+// changes lists what must be persisted after a call.
+type changes struct {
+	sessions  map[string]bool
+	instances map[string]bool
+	revoked   map[string]bool
+}
+
+func (c *changes) reset() {
+	c.sessions = map[string]bool{}
+	c.instances = map[string]bool{}
+	c.revoked = map[string]bool{}
+}
+
+func (c *changes) empty() bool {
+	return len(c.sessions) == 0 && len(c.instances) == 0 && len(c.revoked) == 0
+}
+
+func newEngine(cfg Config, newID func() string, st *stats) *engine {
+	cfg.setDefaults()
+	e := &engine{
+		cfg:      cfg,
+		newID:    newID,
+		sessions: map[string]*Session{},
+		insts:    map[string]*instanceState{},
+		revoked:  map[string]int64{},
+		failed:   map[string]*failures{},
+		stats:    st,
+	}
+	e.dirty.reset()
+	return e
+}
+
+func instKey(user, instance string) string { return user + "/" + instance }
+
+func (e *engine) instance(user, instance string) *instanceState {
+	k := instKey(user, instance)
+	st, ok := e.insts[k]
+	if !ok {
+		st = &instanceState{}
+		e.insts[k] = st
+	}
+	return st
+}
+
+func (e *engine) setKickedOffline(user, instance string, v bool) {
+	st := e.instance(user, instance)
+	if st.KickedOffline != v {
+		st.KickedOffline = v
+		e.dirty.instances[instKey(user, instance)] = true
+	}
+}
+
+func (e *engine) touch(s *Session) { e.dirty.sessions[s.ID] = true }
+
+func (e *engine) end(s *Session, now time.Time, reason string) {
+	s.EndReason = reason
+	s.EndedAt = now
+	s.Online = false
+	e.touch(s)
+}
+
+// Handle processes one message a device published on its up topic.
+func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []Outbound {
+	reply := func(r mqtt.Message) []Outbound {
+		r.ID = m.ID
+		if r.Desc == "" && r.Code != 0 {
+			r.Desc = mqtt.CodeText(r.Code)
+		}
+		return []Outbound{{UserID: user, Instance: instance, Msg: r}}
+	}
+	if m.UserID != "" && m.UserID != user {
+		return reply(mqtt.Message{Type: resultType(m.Type), Code: mqtt.CodeInvalidParams,
+			Desc: fmt.Sprintf("user_id %q does not match the topic's user %q", m.UserID, user)})
+	}
+	switch m.Type {
+	case mqtt.TypeLogin:
+		return e.login(now, user, instance, m, reply)
+	case mqtt.TypeResume:
+		r := e.resume(now, user, instance, m)
+		e.stats.resume(r.Code)
+		return reply(r)
+	case mqtt.TypeLogout:
+		if s, ok := e.sessions[m.Session]; ok && s.Active() && s.UserID == user && s.Instance == instance {
+			e.end(s, now, EndLogout)
+			e.stats.logouts.Inc()
+		}
+		// Logout is idempotent: a repeated or unknown logout also succeeds.
+		return reply(mqtt.Message{Type: mqtt.TypeLogoutResult})
+	case mqtt.TypeOffline:
+		for _, s := range e.sessions {
+			if s.Active() && s.Online && s.UserID == user && s.Instance == instance {
+				s.Online = false
+				s.LastSeen = now
+				e.touch(s)
+			}
+		}
+		return nil
+	default:
+		e.stats.dropped("unknown_type")
+		return reply(mqtt.Message{Type: mqtt.TypeError, Code: mqtt.CodeInvalidParams,
+			Desc: fmt.Sprintf("unknown message type %q; this gateway speaks protocol %s: login, resume, logout, offline", m.Type, mqtt.Version)})
+	}
+}
+
+func resultType(t string) string {
+	switch t {
+	case mqtt.TypeLogin:
+		return mqtt.TypeLoginResult
+	case mqtt.TypeResume:
+		return mqtt.TypeResumeResult
+	case mqtt.TypeLogout:
+		return mqtt.TypeLogoutResult
+	}
+	return mqtt.TypeError
+}
+
+func (e *engine) fail(now time.Time, user string) {
+	f, ok := e.failed[user]
+	if !ok || now.Sub(f.since) > e.cfg.FailureWindow {
+		f = &failures{since: now}
+		e.failed[user] = f
+	}
+	f.count++
+}
+
+func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, reply func(mqtt.Message) []Outbound) []Outbound {
+	res := func(code int, desc string) []Outbound {
+		e.stats.login(code)
+		if code != mqtt.CodeOK {
+			e.fail(now, user)
+		}
+		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: code, Desc: desc})
+	}
+	if err := mqtt.ValidateUserID(user); err != nil {
+		return res(mqtt.CodeInvalidUserID, err.Error())
+	}
+	platform := m.Platform
+	if platform == "" {
+		platform = "Linux"
+	}
+	if !mqtt.ValidPlatform(platform) {
+		return res(mqtt.CodeInvalidParams, fmt.Sprintf("unknown platform %q; use one of %v", m.Platform, mqtt.Platforms))
+	}
+	if f, ok := e.failed[user]; ok && f.count >= e.cfg.MaxFailures && now.Sub(f.since) <= e.cfg.FailureWindow {
+		e.stats.login(mqtt.CodeTooManyFailures)
+		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: mqtt.CodeTooManyFailures,
+			Desc: fmt.Sprintf("%d failed logins within %s; retry after %s", f.count, e.cfg.FailureWindow, f.since.Add(e.cfg.FailureWindow).Sub(now).Round(time.Second))})
+	}
+	t, err := usersig.Verify(m.UserSig, e.cfg.SDKAppID, e.cfg.Key, user, now)
+	if err != nil {
+		code := usersig.CodeOf(err)
+		if code <= 0 {
+			code = mqtt.CodeUserSigInvalid
+		}
+		return res(code, err.Error())
+	}
+	if at, ok := e.revoked[user]; ok && t.Time < at {
+		return res(mqtt.CodeUserSigRevoked, fmt.Sprintf("this UserSig was issued at %s, before %q was kicked by an operator at %s; get a new UserSig",
+			time.Unix(t.Time, 0).UTC().Format(time.RFC3339), user, time.Unix(at, 0).UTC().Format(time.RFC3339)))
+	}
+	if st := e.instance(user, instance); st.KickedOffline {
+		e.setKickedOffline(user, instance, false)
+		if e.cfg.KickedOfflineFails {
+			return res(mqtt.CodeKickedOffline, "this instance was kicked offline while it was away; log in again deliberately")
+		}
+	}
+
+	var out []Outbound
+	// The same instance logging in again replaces its session: not a new
+	// instance, so it kicks nobody.
+	for _, s := range e.sessions {
+		if s.Active() && s.UserID == user && s.Instance == instance {
+			e.end(s, now, EndReplaced)
+		}
+	}
+	for _, s := range e.victims(user, platform) {
+		out = append(out, e.kick(now, s, mqtt.KickOtherInstance, platform)...)
+	}
+	s := &Session{
+		ID:        e.newID(),
+		UserID:    user,
+		Instance:  instance,
+		Platform:  platform,
+		LoginAt:   now,
+		ExpiresAt: t.ExpiresAt(),
+		Online:    true,
+		LastSeen:  now,
+	}
+	e.sessions[s.ID] = s
+	e.touch(s)
+	e.stats.login(mqtt.CodeOK)
+	e.stats.active(user, now)
+	delete(e.failed, user)
+	r := reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
+	return append(out, r...)
+}
+
+// victims returns the sessions a new login of user on platform pushes out,
+// under the policy: every session on another platform of the same group,
+// and on the same platform the oldest ones over the instance limit.
+func (e *engine) victims(user, platform string) []*Session {
+	group := e.cfg.Policy.group(platform)
+	var same []*Session
+	var out []*Session
+	for _, s := range e.sessions {
+		if !s.Active() || s.UserID != user {
+			continue
+		}
+		switch {
+		case s.Platform == platform:
+			same = append(same, s)
+		case e.cfg.Policy.group(s.Platform) == group:
+			out = append(out, s)
+		}
+	}
+	// Logged in longest first; ties broken by id so the order is stable.
+	sort.Slice(same, func(i, j int) bool {
+		if !same[i].LoginAt.Equal(same[j].LoginAt) {
+			return same[i].LoginAt.Before(same[j].LoginAt)
+		}
+		return same[i].ID < same[j].ID
+	})
+	if over := len(same) + 1 - e.cfg.Instances.Max(platform); over > 0 {
+		out = append(out, same[:over]...)
+	}
+	return out
+}
+
+func (e *engine) kick(now time.Time, s *Session, reason, byPlatform string) []Outbound {
+	online := s.Online
+	e.end(s, now, EndKicked)
+	s.KickedBy = reason
+	e.stats.kicks.With(reason).Inc()
+	if !online {
+		e.setKickedOffline(s.UserID, s.Instance, true)
+	}
+	// Sent even when the instance looks offline: its presence may lag, and
+	// a kick that names a session the device no longer has is ignored.
+	return []Outbound{{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
+		Type: mqtt.TypeKick, Session: s.ID, Code: mqtt.CodeKickedOffline, Reason: reason, ByPlatform: byPlatform,
+		Desc: kickDesc(reason, byPlatform),
+	}}}
+}
+
+func kickDesc(reason, byPlatform string) string {
+	if reason == mqtt.KickAdmin {
+		return "kicked offline by an operator; the UserSigs issued before now are invalid"
+	}
+	return fmt.Sprintf("kicked offline by a login on %s (multi-client policy); decide deliberately before logging in again", byPlatform)
+}
+
+func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mqtt.Message {
+	r := mqtt.Message{Type: mqtt.TypeResumeResult, Session: m.Session}
+	s, ok := e.sessions[m.Session]
+	if !ok || s.UserID != user || s.Instance != instance {
+		r.Code, r.Desc = mqtt.CodeNotLoggedIn, "unknown session; log in"
+		return r
+	}
+	if s.Active() && now.After(s.ExpiresAt) {
+		e.end(s, now, EndExpired)
+	}
+	switch s.EndReason {
+	case "":
+		s.Online = true
+		s.LastSeen = now
+		e.touch(s)
+		e.stats.active(user, now)
+		r.ServerTimeMs = now.UnixMilli()
+		r.UserSigExpiresAt = s.ExpiresAt.Unix()
+		return r
+	case EndKicked:
+		r.Code, r.Desc = mqtt.CodeKickedOffline, kickDesc(s.KickedBy, "another platform")
+		// The kick is now known to the instance: its next login is not a
+		// login after an unseen kick.
+		e.setKickedOffline(user, instance, false)
+	case EndExpired:
+		r.Code, r.Desc = mqtt.CodeUserSigExpired, "the session's UserSig expired at "+s.ExpiresAt.UTC().Format(time.RFC3339)+"; get a new UserSig, then log in"
+	default:
+		r.Code, r.Desc = mqtt.CodeNotLoggedIn, "the session ended ("+s.EndReason+"); log in"
+	}
+	return r
+}
+
+// Expire ends the sessions whose UserSig ran out (now > expiry) and tells
+// the online ones. It returns the messages and when to call it next (zero
+// when no session is active).
+func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
+	var out []Outbound
+	var next time.Time
+	for _, s := range e.sessions {
+		if !s.Active() {
+			if now.Sub(s.EndedAt) > e.cfg.TombstoneTTL {
+				delete(e.sessions, s.ID)
+				e.touch(s)
+			}
+			continue
+		}
+		if now.After(s.ExpiresAt) {
+			online := s.Online
+			e.end(s, now, EndExpired)
+			e.stats.expired.Inc()
+			if online {
+				out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
+					Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: mqtt.CodeUserSigExpired,
+					Desc: "the UserSig expired at " + s.ExpiresAt.UTC().Format(time.RFC3339) + "; get a new UserSig, then log in", ServerTimeMs: now.UnixMilli(),
+				}})
+			}
+			continue
+		}
+		// Expired means strictly after the expiry second.
+		at := s.ExpiresAt.Add(time.Second)
+		if next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	return out, next
+}
+
+// Kick ends every session of user, tells the online ones, and revokes the
+// UserSigs issued before now (later logins with them fail with 70052).
+func (e *engine) Kick(now time.Time, user string) ([]Outbound, int) {
+	e.revoked[user] = now.Unix()
+	e.dirty.revoked[user] = true
+	var out []Outbound
+	n := 0
+	for _, s := range e.sortedSessions() {
+		if s.Active() && s.UserID == user {
+			out = append(out, e.kick(now, s, mqtt.KickAdmin, "")...)
+			n++
+		}
+	}
+	return out, n
+}
+
+func (e *engine) sortedSessions() []*Session {
+	ss := make([]*Session, 0, len(e.sessions))
+	for _, s := range e.sessions {
+		ss = append(ss, s)
+	}
+	sort.Slice(ss, func(i, j int) bool {
+		if !ss[i].LoginAt.Equal(ss[j].LoginAt) {
+			return ss[i].LoginAt.Before(ss[j].LoginAt)
+		}
+		return ss[i].ID < ss[j].ID
+	})
+	return ss
+}
+
+// ActiveSessions returns copies of the active sessions, oldest login first.
+func (e *engine) ActiveSessions(user string) []Session {
+	var out []Session
+	for _, s := range e.sortedSessions() {
+		if s.Active() && (user == "" || s.UserID == user) {
+			out = append(out, *s)
+		}
+	}
+	return out
+}

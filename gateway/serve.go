@@ -1,0 +1,86 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+)
+
+// ServeConfig is everything `chatgw serve` runs.
+type ServeConfig struct {
+	Options
+	// EmbeddedBroker, when set, starts the in-process broker on this
+	// host:port; otherwise Broker is used.
+	EmbeddedBroker string
+	Broker         BrokerOptions
+	// Admin is a Unix socket path or a loopback host:port; empty: none.
+	Admin string
+	// Ready, when set, is called once the broker listens, the state is
+	// loaded and the admin API is up, with the broker's and the admin API's
+	// addresses.
+	Ready func(broker, admin net.Addr)
+}
+
+// Run serves until ctx ends. A nil return is a clean shutdown.
+func Run(ctx context.Context, cfg ServeConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+		cfg.Logger = log
+	}
+	g, err := New(cfg.Options)
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+
+	bo := cfg.Broker
+	var brokerAddr net.Addr
+	if cfg.EmbeddedBroker != "" {
+		emb, err := StartEmbedded(EmbeddedOptions{
+			Addr: cfg.EmbeddedBroker, Topics: g.topics, SDKAppID: cfg.SDKAppID, Key: cfg.Key, Now: g.now, Logger: log,
+		})
+		if err != nil {
+			return err
+		}
+		defer emb.Close()
+		bo = emb.BrokerOptions()
+		brokerAddr = emb.Addr()
+		log.Info("embedded broker listening", "addr", brokerAddr.String(), "topics", g.topics.UpFilter())
+	} else if bo.URL == "" {
+		return errors.New("no broker: pass --embedded-broker HOST:PORT or --broker URL")
+	}
+
+	var adminAddr net.Addr
+	srvErr := make(chan error, 1)
+	if cfg.Admin != "" {
+		ln, err := ListenAdmin(cfg.Admin)
+		if err != nil {
+			return err
+		}
+		adminAddr = ln.Addr()
+		hs := &http.Server{Handler: g.AdminHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second}
+		go func() { srvErr <- hs.Serve(ln) }()
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			hs.Shutdown(sctx)
+		}()
+		log.Info("admin API listening", "addr", adminAddr.String())
+	}
+	if cfg.Ready != nil {
+		cfg.Ready(brokerAddr, adminAddr)
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- g.Serve(ctx, bo) }()
+	select {
+	case err := <-serveErr:
+		return err
+	case err := <-srvErr:
+		return fmt.Errorf("admin API: %w", err)
+	}
+}
