@@ -1,0 +1,181 @@
+package storage
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"chatd/usersig"
+)
+
+// MaxEvents is how many events a Store keeps; appending more drops the oldest.
+const MaxEvents = 256
+
+var (
+	// ErrNotFound is returned by Store.Load when no state has been saved yet.
+	ErrNotFound = errors.New("no state saved yet")
+
+	// ErrLocked is returned by OpenBolt when another process (or another
+	// OpenBolt in this one) holds the database and did not let go within
+	// BoltOptions.LockTimeout.
+	ErrLocked = errors.New("state database is in use by another process (is another chatd running?)")
+
+	// ErrNewerSchema is returned by OpenBolt when the database was written by
+	// a newer chatd. The file is left as it is rather than destroyed.
+	ErrNewerSchema = errors.New("state database was written by a newer chatd")
+)
+
+// errClosed is returned by every Store method except Close after Close.
+var errClosed = errors.New("state store is closed")
+
+// ErrorInfo is the last error the daemon reported, with the code it came with.
+type ErrorInfo struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+// State is what the daemon must remember across restarts and power cuts.
+// It deliberately has no JSON tags of its own: encoding it (for an API or a
+// log) shows the UserSig as "[redacted]". The stores use their own encoding
+// that keeps the value.
+type State struct {
+	// UserID is the chat identity the device is logged in as.
+	UserID string
+	// UserSig is the credential for UserID. It is persisted in clear in the
+	// 0600 state file; in memory it stays wrapped.
+	UserSig usersig.Secret
+	// InstanceID is a stable random id of this installation.
+	InstanceID string
+	// Session is the gateway session id, kept to resume the session.
+	Session string
+	// Status is the login status: 1 LOGINED, 2 LOGINING, 3 LOGOUT.
+	Status int
+	// LastError is the last error the daemon ran into, zero if none.
+	LastError ErrorInfo
+	// UserSigExpiresAt is when the server says UserSig expires.
+	UserSigExpiresAt time.Time
+	// ServerTimeOffset is the server's clock minus ours, as last learnt.
+	ServerTimeOffset time.Duration
+	// Since is when Status last changed.
+	Since time.Time
+	// KickCount counts kicks since the last successful login.
+	KickCount int
+}
+
+// Event is one entry of the bounded login history.
+type Event struct {
+	Time    time.Time `json:"time"`
+	Type    string    `json:"type"`
+	Code    int       `json:"code,omitempty"`
+	Message string    `json:"message,omitempty"`
+	Status  int       `json:"status,omitempty"`
+}
+
+// Store is the daemon's persistent state. Memory and Bolt implement it with
+// the same semantics; both are safe for concurrent use.
+type Store interface {
+	// Load returns the saved state, or ErrNotFound before the first Save.
+	Load() (State, error)
+	// Save stores s. When s equals what is stored it writes nothing and
+	// returns wrote == false.
+	Save(s State) (wrote bool, err error)
+	// AppendEvent adds e to the history, which keeps the newest MaxEvents
+	// events and drops the oldest.
+	AppendEvent(e Event) error
+	// Events returns the newest n events, oldest first; fewer if there are
+	// fewer, none if n <= 0.
+	Events(n int) ([]Event, error)
+	// Writes is the number of write transactions committed since the store
+	// was opened.
+	Writes() uint64
+	// Close releases the store. Calling it again does nothing.
+	Close() error
+}
+
+// stateEqual reports whether a and b would store the same thing: times are
+// compared as instants, the UserSig in constant time.
+func stateEqual(a, b State) bool {
+	return a.UserID == b.UserID &&
+		a.UserSig.Equal(b.UserSig) &&
+		a.InstanceID == b.InstanceID &&
+		a.Session == b.Session &&
+		a.Status == b.Status &&
+		a.LastError == b.LastError &&
+		a.UserSigExpiresAt.Equal(b.UserSigExpiresAt) &&
+		a.ServerTimeOffset == b.ServerTimeOffset &&
+		a.Since.Equal(b.Since) &&
+		a.KickCount == b.KickCount
+}
+
+// stateRecord is the stored form of State. Its UserSig is a plain string
+// because usersig.Secret marshals as "[redacted]"; the tags fix the file
+// format independently of the Go field names.
+type stateRecord struct {
+	UserID           string    `json:"user_id"`
+	UserSig          string    `json:"user_sig"`
+	InstanceID       string    `json:"instance_id"`
+	Session          string    `json:"session"`
+	Status           int       `json:"status"`
+	LastError        ErrorInfo `json:"last_error"`
+	UserSigExpiresAt time.Time `json:"user_sig_expires_at"`
+	ServerTimeOffset int64     `json:"server_time_offset_ns"`
+	Since            time.Time `json:"since"`
+	KickCount        int       `json:"kick_count"`
+}
+
+func encodeState(s State) ([]byte, error) {
+	b, err := json.Marshal(stateRecord{
+		UserID:           s.UserID,
+		UserSig:          s.UserSig.Reveal(),
+		InstanceID:       s.InstanceID,
+		Session:          s.Session,
+		Status:           s.Status,
+		LastError:        s.LastError,
+		UserSigExpiresAt: s.UserSigExpiresAt,
+		ServerTimeOffset: int64(s.ServerTimeOffset),
+		Since:            s.Since,
+		KickCount:        s.KickCount,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("encoding state: %w", err)
+	}
+	return b, nil
+}
+
+// decodeState decodes a stored state. It copies what it keeps, so data may
+// be memory that bbolt reuses after the transaction.
+func decodeState(data []byte) (State, error) {
+	var r stateRecord
+	if err := json.Unmarshal(data, &r); err != nil {
+		return State{}, fmt.Errorf("decoding state: %w", err)
+	}
+	return State{
+		UserID:           r.UserID,
+		UserSig:          usersig.NewSecret(r.UserSig),
+		InstanceID:       r.InstanceID,
+		Session:          r.Session,
+		Status:           r.Status,
+		LastError:        r.LastError,
+		UserSigExpiresAt: r.UserSigExpiresAt,
+		ServerTimeOffset: time.Duration(r.ServerTimeOffset),
+		Since:            r.Since,
+		KickCount:        r.KickCount,
+	}, nil
+}
+
+func encodeEvent(e Event) ([]byte, error) {
+	b, err := json.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("encoding event: %w", err)
+	}
+	return b, nil
+}
+
+func decodeEvent(data []byte) (Event, error) {
+	var e Event
+	if err := json.Unmarshal(data, &e); err != nil {
+		return Event{}, fmt.Errorf("decoding event: %w", err)
+	}
+	return e, nil
+}
