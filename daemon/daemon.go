@@ -603,14 +603,14 @@ func (d *Daemon) endSession(why string, logout bool) {
 	d.renewing = false
 	d.relogin = false
 	d.failWaiters(mqtt.CodeNotLoggedIn, "login cancelled: "+why)
-	session := d.st.Session
+	session, user := d.st.Session, d.st.UserID
 	d.st.Session = ""
 	if conn := d.conn; conn != nil {
 		d.conn = nil
 		go func() {
 			if logout && session != "" {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-				conn.Request(ctx, mqtt.Message{Type: mqtt.TypeLogout, UserID: d.st.UserID, Session: session})
+				conn.Request(ctx, mqtt.Message{Type: mqtt.TypeLogout, UserID: user, Session: session})
 				cancel()
 			}
 			conn.Close(true)
@@ -770,9 +770,12 @@ func (d *Daemon) online(r mqtt.Message, why string) {
 			}
 		}
 	}
+	if d.phase != connConnected {
+		// Not on a renewal over a connection that was up all along.
+		d.emit(client.Event{Type: client.EventConnectSuccess})
+	}
 	d.phase = connConnected
 	d.setError(0, "")
-	d.emit(client.Event{Type: client.EventConnectSuccess})
 	d.setStatus(client.Logined, "LOGINED as "+d.st.UserID)
 	d.status("LOGINED as " + d.st.UserID)
 	d.failWaiters(0, "")
