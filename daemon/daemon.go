@@ -105,6 +105,7 @@ type Daemon struct {
 	renewAt  time.Time // when to fetch a new UserSig
 	renewing bool
 	relogin  bool // after the renewal: log in with the new UserSig instead of resuming
+	closing  chan struct{} // closed when the last session's logout is done
 	offset   time.Duration
 	offKnown bool
 	fetchTry int // usersig_command runs for the current expiry
@@ -370,9 +371,24 @@ func (d *Daemon) noteSig() {
 	}
 	d.sigExp = t.ExpiresAt()
 	d.st.UserSigExpiresAt = d.sigExp
-	if d.sigCmd != nil {
-		d.renewAt = d.sigExp.Add(-d.cfg.UserSig.RenewMargin.Duration)
+	d.scheduleRenewal(time.Unix(t.Time, 0))
+}
+
+// scheduleRenewal sets when to fetch the next UserSig: renew_margin before
+// the expiry (server clock), but never before half the UserSig's life has
+// passed, so that a helper handing out short-lived UserSigs does not make a
+// renewal loop. A margin of 0 turns proactive renewal off.
+func (d *Daemon) scheduleRenewal(issued time.Time) {
+	d.renewAt = time.Time{}
+	margin := d.cfg.UserSig.RenewMargin.Duration
+	if d.sigCmd == nil || margin <= 0 || d.sigExp.IsZero() {
+		return
 	}
+	at := d.sigExp.Add(-margin)
+	if half := issued.Add(d.sigExp.Sub(issued) / 2); !issued.IsZero() && at.Before(half) {
+		at = half
+	}
+	d.renewAt = at
 }
 
 // serverNow is the gateway's clock as far as the daemon knows it.
@@ -471,8 +487,15 @@ func (d *Daemon) dial() {
 	if session != "" {
 		req = mqtt.Message{Type: mqtt.TypeResume, UserID: p.UserID, Session: session}
 	}
-	ctx := d.ctx
+	ctx, closing := d.ctx, d.closing
 	go func() {
+		if closing != nil {
+			// Account switch: the old identity logs out first.
+			select {
+			case <-closing:
+			case <-ctx.Done():
+			}
+		}
 		cctx, cancel := context.WithTimeout(ctx, d.cfg.MQTT.ConnectTimeout.Duration+time.Second)
 		conn, err := d.dialer.Dial(cctx, p)
 		cancel()
@@ -591,6 +614,7 @@ func (d *Daemon) onLogout(c cmdLogout) {
 	d.setError(0, "")
 	d.setStatus(client.Logout, "logged out")
 	d.save()
+	d.publish()
 	c.reply <- loginReply{0, ""}
 }
 
@@ -607,7 +631,10 @@ func (d *Daemon) endSession(why string, logout bool) {
 	d.st.Session = ""
 	if conn := d.conn; conn != nil {
 		d.conn = nil
+		closed := make(chan struct{})
+		d.closing = closed
 		go func() {
+			defer close(closed)
 			if logout && session != "" {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 				conn.Request(ctx, mqtt.Message{Type: mqtt.TypeLogout, UserID: user, Session: session})
@@ -620,7 +647,13 @@ func (d *Daemon) endSession(why string, logout bool) {
 	d.stableAt = time.Time{}
 }
 
+// failWaiters answers every waiting Login (with code 0 too: the name says
+// what it usually does). The snapshot is refreshed first, so a caller that
+// reads the status after its answer sees the state that answered it.
 func (d *Daemon) failWaiters(code int, desc string) {
+	if len(d.waiters) > 0 {
+		d.publish()
+	}
 	for _, w := range d.waiters {
 		w <- loginReply{code, desc}
 	}
@@ -765,9 +798,11 @@ func (d *Daemon) online(r mqtt.Message, why string) {
 		if !exp.Equal(d.sigExp) {
 			d.sigExp = exp
 			d.st.UserSigExpiresAt = exp
-			if d.sigCmd != nil {
-				d.renewAt = exp.Add(-d.cfg.UserSig.RenewMargin.Duration)
+			var issued time.Time
+			if t, err := usersig.Decode(d.st.UserSig.Reveal()); err == nil {
+				issued = time.Unix(t.Time, 0)
 			}
+			d.scheduleRenewal(issued)
 		}
 	}
 	if d.phase != connConnected {
