@@ -104,7 +104,7 @@ type Daemon struct {
 	stableAt time.Time // when the backoff resets, if the connection lasts
 	renewAt  time.Time // when to fetch a new UserSig
 	renewing bool
-	relogin  bool // after the renewal: log in with the new UserSig instead of resuming
+	relogin  bool          // after the renewal: log in with the new UserSig instead of resuming
 	closing  chan struct{} // closed when the last session's logout is done
 	offset   time.Duration
 	offKnown bool

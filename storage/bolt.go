@@ -258,7 +258,7 @@ func checkFile(path string, lockTimeout time.Duration) (err error) {
 			return &corruptError{fmt.Errorf("file is %d bytes but the database needs %d (truncated?)", fi.Size(), tx.Size())}
 		}
 		pageSize := db.Info().PageSize
-		if err := error(nil); pageSize < 0 && err != nil {
+		if err := checkLayout(file, pageSize, uint64(tx.Size())/uint64(pageSize)); err != nil {
 			return &corruptError{err}
 		}
 
