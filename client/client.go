@@ -25,7 +25,7 @@ const DefaultSocket = "/run/chatd/chatd.sock"
 const (
 	dialTimeout  = 5 * time.Second
 	readTimeout  = 15 * time.Second
-	writeTimeout = 2 * time.Minute
+	loginTimeout = 2 * time.Minute
 )
 
 // maxResponse bounds a response body the client reads (Metrics included).
@@ -203,7 +203,7 @@ func (c *Client) ServerTime(ctx context.Context) (ServerTime, error) {
 // Cancelling ctx stops the wait, not the login.
 func (c *Client) Login(ctx context.Context, user, sig string) (Result[Status], error) {
 	var r Result[Status]
-	err := c.call(ctx, writeTimeout, http.MethodPost, "/v1/login", LoginRequest{UserID: user, UserSig: sig}, &r)
+	err := c.call(ctx, loginTimeout, http.MethodPost, "/v1/login", LoginRequest{UserID: user, UserSig: sig}, &r)
 	return r, err
 }
 
@@ -211,7 +211,7 @@ func (c *Client) Login(ctx context.Context, user, sig string) (Result[Status], e
 // result and the error.
 func (c *Client) Logout(ctx context.Context) (Result[Status], error) {
 	var r Result[Status]
-	err := c.call(ctx, writeTimeout, http.MethodPost, "/v1/logout", nil, &r)
+	err := c.call(ctx, loginTimeout, http.MethodPost, "/v1/logout", nil, &r)
 	return r, err
 }
 

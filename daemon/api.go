@@ -28,6 +28,9 @@ const (
 	maxLoginBody = 16 << 10
 	// apiBodyTimeout bounds reading a request body.
 	apiBodyTimeout = 10 * time.Second
+	// apiEventWriteTimeout bounds writing one event: a client that stops
+	// reading loses its stream instead of holding a handler forever.
+	apiEventWriteTimeout = 10 * time.Second
 	// apiShutdownGrace is how long ServeAPI waits for requests in flight
 	// when its context ends.
 	apiShutdownGrace = 5 * time.Second
@@ -197,6 +200,7 @@ func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	enc := json.NewEncoder(w) // one compact line per value
 	send := func(ev client.Event) bool {
+		_ = rc.SetWriteDeadline(time.Now().Add(apiEventWriteTimeout))
 		if err := enc.Encode(ev); err != nil {
 			return false
 		}

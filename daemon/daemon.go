@@ -227,8 +227,8 @@ func (d *Daemon) send(m any) {
 // while it moves.
 func (d *Daemon) Alive() time.Time { return time.Unix(0, d.alive.Load()) }
 
-// heartbeat bounds how long the loop sleeps, so Alive stays fresh.
-const heartbeat = 5 * time.Second
+// Heartbeat bounds how long the state loop sleeps, so Alive stays fresh.
+const Heartbeat = 5 * time.Second
 
 // Run loads the state and keeps the identity logged in until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
@@ -248,7 +248,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.alive.Store(d.clock.Now().UnixNano())
 		d.step()
 		d.publish()
-		wait := heartbeat
+		wait := Heartbeat
 		if at := d.nextWake(); !at.IsZero() {
 			wait = min(wait, max(at.Sub(d.clock.Now()), 0))
 		}

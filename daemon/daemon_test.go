@@ -772,7 +772,7 @@ func TestSteadyStateWritesNothing(t *testing.T) {
 	h.settle()
 	before := h.store.Writes()
 	for range 100 {
-		h.clock.Advance(heartbeat)
+		h.clock.Advance(Heartbeat)
 	}
 	h.settle()
 	if got := h.store.Writes() - before; got != 0 {

@@ -98,6 +98,7 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		for c.IsConnectionOpen() {
 			t := c.Subscribe(filter, mqtt.QoSRequest, handler)
 			if t.WaitTimeout(10*time.Second) && t.Error() == nil {
+				g.subscribedOnce.Do(func() { close(g.subscribed) })
 				return
 			}
 			g.log.Error("subscribing failed; retrying", "filter", filter, "err", t.Error())

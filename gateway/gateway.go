@@ -51,6 +51,10 @@ type Gateway struct {
 	pub   Publisher
 	wake  chan struct{}
 	stats *stats
+
+	// subscribed is closed once the gateway first receives device messages.
+	subscribed     chan struct{}
+	subscribedOnce sync.Once
 }
 
 // New opens the state and loads it. Close releases it.
@@ -70,7 +74,7 @@ func New(opts Options) (*Gateway, error) {
 	if opts.Topics.Prefix == "" {
 		opts.Topics.Prefix = mqtt.DefaultPrefix
 	}
-	g := &Gateway{opts: opts, log: opts.Logger, now: opts.Now, topics: opts.Topics, wake: make(chan struct{}, 1)}
+	g := &Gateway{opts: opts, log: opts.Logger, now: opts.Now, topics: opts.Topics, wake: make(chan struct{}, 1), subscribed: make(chan struct{})}
 	g.stats = newStats(opts.Now, g.countSessions)
 	g.e = newEngine(opts.Config, opts.NewID, g.stats)
 	if opts.StatePath != "" {

@@ -20,8 +20,8 @@ type ServeConfig struct {
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
 	Admin string
 	// Ready, when set, is called once the broker listens, the state is
-	// loaded and the admin API is up, with the broker's and the admin API's
-	// addresses.
+	// loaded, the admin API is up and the gateway is subscribed, with the
+	// broker's and the admin API's addresses.
 	Ready func(broker, admin net.Addr)
 }
 
@@ -72,11 +72,17 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		}()
 		log.Info("admin API listening", "addr", adminAddr.String())
 	}
-	if cfg.Ready != nil {
-		cfg.Ready(brokerAddr, adminAddr)
-	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- g.Serve(ctx, bo) }()
+	if cfg.Ready != nil {
+		// Ready means devices get answers: wait for the subscription.
+		select {
+		case <-g.subscribed:
+			cfg.Ready(brokerAddr, adminAddr)
+		case err := <-serveErr:
+			return err
+		}
+	}
 	select {
 	case err := <-serveErr:
 		return err

@@ -18,6 +18,7 @@ import (
 	"syscall"
 
 	"chatd/daemon"
+	"chatd/systemd"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -42,6 +43,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", daemon.DefaultConfigPath, "config file (TOML)")
 	check := fs.Bool("check-config", false, "validate the config, explain the problems, and exit")
+	configured := fs.Bool("configured", false, "exit 0 if the config names an identity (sdkappid, user_id), 1 if not (the unit's ExecCondition)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	socket := fs.String("socket", "", "override the config's socket path")
 	stateDB := fs.String("state-db", "", "override the config's state_db path")
@@ -81,8 +83,35 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if *check {
 		return checkConfig(cfg, *configPath, stdout)
 	}
-	log := newLogger(stderr, cfg.Log.Level)
-	err = daemon.Main(ctx, cfg, daemon.RunOptions{Logger: log})
+	if *configured {
+		if cfg.SDKAppID == 0 || cfg.UserID == "" {
+			fmt.Fprintf(stderr, "chatd: %s does not name an identity yet (set sdkappid and user_id); not starting\n", *configPath)
+			return exitFailure
+		}
+		return exitOK
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.Log.Level)); err != nil {
+		level = slog.LevelInfo
+	}
+	log := systemd.NewLogger(stderr, level, systemd.UnderJournal())
+	notify := systemd.NewNotifier(log)
+	ln, err := systemd.Listener()
+	if err != nil {
+		log.Error("stopping: fix the socket unit", "err", err)
+		return exitConfig
+	}
+	err = daemon.Main(ctx, cfg, daemon.RunOptions{
+		Logger:   log,
+		Listener: ln,
+		Ready:    notify.Ready,
+		OnStatus: notify.Status,
+		Started: func(d *daemon.Daemon) {
+			// A loop that has not turned for four heartbeats is wedged.
+			go systemd.Watchdog(ctx, d.Alive, 4*daemon.Heartbeat, log)
+		},
+	})
+	notify.Stopping()
 	switch {
 	case err == nil, errors.Is(err, context.Canceled):
 		return exitOK
@@ -119,12 +148,4 @@ func checkConfig(cfg daemon.Config, path string, stdout io.Writer) int {
 	}
 	fmt.Fprintln(stdout, "OK, with warnings")
 	return exitOK
-}
-
-func newLogger(w io.Writer, level string) *slog.Logger {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		l = slog.LevelInfo
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l}))
 }
