@@ -10,7 +10,7 @@ CMDS     := chatd chatctl chatgw
 export CGO_ENABLED ?= 0
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo clean
+.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,8 +58,16 @@ fmt-check: ## Fail if gofmt would change a file.
 fuzz: ## Run each fuzz target briefly (FUZZTIME, default 10s).
 	$(GO) test ./usersig -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(or $(FUZZTIME),10s)
 
-check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop.
+check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
 	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...
+	$(MAKE) --no-print-directory demo-smoke
+	$(MAKE) --no-print-directory test-arm
+
+test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64, and the end-to-end test on arm64.
+	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 ./build/test-arm.sh
+
+demo-smoke: build ## Start the demo, check it logs in, stop it.
+	@./build/demo.sh --smoke
 
 demo: build ## Run the gateway with its embedded broker and a demo device under .demo/ (Ctrl-C stops all).
 	@./build/demo.sh
