@@ -7,7 +7,6 @@ LDFLAGS  := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 BIN      := bin
 CMDS     := chatd chatctl chatgw
-export CGO_ENABLED ?= 0
 
 .DEFAULT_GOAL := help
 .PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm clean
@@ -18,7 +17,7 @@ help: ## List the targets.
 build: ## Build the binaries into bin/.
 	@mkdir -p $(BIN)
 	@for c in $(CMDS); do \
-		if [ -d cmd/$$c ]; then $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/$$c ./cmd/$$c || exit 1; fi; \
+		CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/$$c ./cmd/$$c || exit 1; \
 	done
 
 test: ## Fast pure-Go tests; needs nothing installed (skips what needs Mosquitto or npm).
@@ -26,9 +25,11 @@ test: ## Fast pure-Go tests; needs nothing installed (skips what needs Mosquitto
 
 deps: apt-deps npm-deps ## Install what `make check` needs (Debian packages, the npm package).
 
-# Debian packages the integration tests use. As root they are installed with
+# Debian packages the tests use: Mosquitto and its clients for the
+# integration tests, a C toolchain for the race detector (cgo), curl for the
+# end-to-end tests, QEMU for the ARM runs. As root they are installed with
 # apt-get; otherwise the exact command is printed.
-APT_PKGS := mosquitto mosquitto-clients
+APT_PKGS := mosquitto mosquitto-clients gcc libc6-dev curl qemu-user-static binfmt-support
 apt-deps:
 	@missing=""; for p in $(APT_PKGS); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -59,7 +60,7 @@ fuzz: ## Run each fuzz target briefly (FUZZTIME, default 10s).
 	$(GO) test ./usersig -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(or $(FUZZTIME),10s)
 
 check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
-	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...
+	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory demo-smoke
 	$(MAKE) --no-print-directory test-arm
 
