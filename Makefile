@@ -56,8 +56,12 @@ fmt-check: ## Fail if gofmt would change a file.
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-fuzz: ## Run each fuzz target briefly (FUZZTIME, default 10s).
-	$(GO) test ./usersig -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(or $(FUZZTIME),10s)
+FUZZ_TARGETS := ./usersig:FuzzDecode ./mqtt:FuzzDecode ./gateway:FuzzHandleMessage ./storage:FuzzOpenBolt
+fuzz: ## Run each fuzz target for FUZZTIME (default 10s); the corpora live in testdata/.
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; echo "== $$pkg $$name"; \
+		$(GO) test $$pkg -run '^$$' -fuzz "^$$name\$$" -fuzztime $(or $(FUZZTIME),10s) || exit 1; \
+	done
 
 check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
 	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...

@@ -114,8 +114,12 @@ type engine struct {
 	insts    map[string]*instanceState // by user + "/" + instance
 	revoked  map[string]int64          // user -> Unix second of the last admin kick
 	failed   map[string]*failures      // user -> recent failed logins (memory only)
-	dirty    changes
-	stats    *stats
+	// replies holds each instance's last answer, so that a request the
+	// device sends again (same id, because no answer came in time) is
+	// answered again instead of being carried out twice.
+	replies map[string]mqtt.Message
+	dirty   changes
+	stats   *stats
 }
 
 // changes lists what must be persisted after a call.
@@ -144,6 +148,7 @@ func newEngine(cfg Config, newID func() string, st *stats) *engine {
 		insts:    map[string]*instanceState{},
 		revoked:  map[string]int64{},
 		failed:   map[string]*failures{},
+		replies:  map[string]mqtt.Message{},
 		stats:    st,
 	}
 	e.dirty.reset()
@@ -181,10 +186,18 @@ func (e *engine) end(s *Session, now time.Time, reason string) {
 
 // Handle processes one message a device published on its up topic.
 func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []Outbound {
+	key := instKey(user, instance)
+	if last, ok := e.replies[key]; ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
+		e.stats.dropped("repeated_request")
+		return []Outbound{{UserID: user, Instance: instance, Msg: last}}
+	}
 	reply := func(r mqtt.Message) []Outbound {
 		r.ID = m.ID
 		if r.Desc == "" && r.Code != 0 {
 			r.Desc = mqtt.CodeText(r.Code)
+		}
+		if r.ID != "" {
+			e.replies[key] = r
 		}
 		return []Outbound{{UserID: user, Instance: instance, Msg: r}}
 	}

@@ -21,10 +21,11 @@ var (
 
 // rig drives an engine with a fake clock and predictable session ids.
 type rig struct {
-	t   *testing.T
-	e   *engine
-	now time.Time
-	n   int
+	t    *testing.T
+	e    *engine
+	now  time.Time
+	n    int
+	reqs int
 }
 
 func newRig(t *testing.T, mod func(*Config)) *rig {
@@ -56,7 +57,8 @@ func (r *rig) send(user, instance string, m mqtt.Message) []Outbound {
 
 func (r *rig) login(user, instance, platform string) (mqtt.Message, []Outbound) {
 	r.t.Helper()
-	out := r.send(user, instance, mqtt.Message{Type: mqtt.TypeLogin, ID: "c", UserID: user, UserSig: r.sig(user, 24*time.Hour), Platform: platform})
+	r.reqs++
+	out := r.send(user, instance, mqtt.Message{Type: mqtt.TypeLogin, ID: fmt.Sprintf("req-%d", r.reqs), UserID: user, UserSig: r.sig(user, 24*time.Hour), Platform: platform})
 	return out[len(out)-1].Msg, out[:len(out)-1]
 }
 
@@ -457,4 +459,56 @@ func TestParseInstances(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestRepeatedRequestIsAnsweredAgain(t *testing.T) {
+	r := newRig(t, nil)
+	login := mqtt.Message{Type: mqtt.TypeLogin, ID: "req-7", UserSig: r.sig("alice", time.Hour)}
+	first := r.send("alice", "a", login)
+	r.now = r.now.Add(3 * time.Second)
+	again := r.send("alice", "a", login)
+	if diff := cmp.Diff(summary(first), summary(again)); diff != "" {
+		t.Errorf("a repeated login was answered differently (-first +again):\n%s", diff)
+	}
+	if n := len(r.e.ActiveSessions("alice")); n != 1 {
+		t.Errorf("%d sessions after a repeated login, want 1", n)
+	}
+	// A new id is a new request.
+	login.ID = "req-8"
+	if third := r.send("alice", "a", login); third[0].Msg.Session == first[0].Msg.Session {
+		t.Error("a new request id got the old answer")
+	}
+}
+
+// FuzzHandleMessage: whatever a device publishes, the gateway neither
+// panics nor answers anyone but that device.
+func FuzzHandleMessage(f *testing.F) {
+	f.Add("chat/v1/up/alice/a", []byte(`{"type":"login","id":"1","user_sig":"x"}`))
+	f.Add("chat/v1/up/alice/a", []byte(`{"type":"resume","session":"s1"}`))
+	f.Add("chat/v1/up/alice/a", []byte(`{"type":"logout"}`))
+	f.Add("chat/v1/up/alice/a", []byte(`{"type":"offline"}`))
+	f.Add("chat/v1/up/a/b/c", []byte(`{}`))
+	f.Fuzz(func(t *testing.T, topic string, payload []byte) {
+		g, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Now: func() time.Time { return t0 }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var pub recorder
+		g.SetPublisher(&pub)
+		g.HandleMessage(topic, payload)
+		g.Tick()
+		user, inst, err := g.topics.ParseUp(topic)
+		for _, p := range pub.topics {
+			if err != nil || p != g.topics.Down(user, inst) {
+				t.Fatalf("a message on %q was answered on %q", topic, p)
+			}
+		}
+	})
+}
+
+type recorder struct{ topics []string }
+
+func (r *recorder) Publish(topic string, _ byte, _ []byte) error {
+	r.topics = append(r.topics, topic)
+	return nil
 }

@@ -34,6 +34,12 @@ type DialOptions struct {
 	// after the device went silent.
 	KeepAlive      time.Duration
 	ConnectTimeout time.Duration // default 10 s
+	// ResendInterval (default 3 s): a request with no answer is sent again
+	// with the same id this often, until the caller's context ends. The
+	// gateway answers a repeated id with its earlier answer, so nothing
+	// happens twice; a gateway that was down when the request was sent
+	// (and lost it with its session) still answers promptly.
+	ResendInterval time.Duration
 }
 
 // Conn is one MQTT connection of a device: no automatic reconnect (the
@@ -53,6 +59,7 @@ type Conn struct {
 	once    sync.Once
 	seq     atomic.Uint64
 	idBase  string
+	resend  time.Duration
 }
 
 // ErrConnLost is returned by Request when the connection is gone.
@@ -75,6 +82,9 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 	if o.ConnectTimeout == 0 {
 		o.ConnectTimeout = 10 * time.Second
 	}
+	if o.ResendInterval == 0 {
+		o.ResendInterval = 3 * time.Second
+	}
 	b := make([]byte, 4)
 	rand.Read(b)
 	c := &Conn{
@@ -85,6 +95,7 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 		pushes:   make(chan Message, 64),
 		lost:     make(chan struct{}),
 		idBase:   hex.EncodeToString(b),
+		resend:   o.ResendInterval,
 	}
 	po := paho.NewClientOptions()
 	for _, u := range o.Brokers {
@@ -220,13 +231,21 @@ func (c *Conn) Request(ctx context.Context, m Message) (Message, error) {
 	if err := c.publish(ctx, m); err != nil {
 		return Message{}, err
 	}
-	select {
-	case r := <-ch:
-		return r, nil
-	case <-ctx.Done():
-		return Message{}, ctx.Err()
-	case <-c.lost:
-		return Message{}, fmt.Errorf("%w: %v", ErrConnLost, c.Err())
+	resend := time.NewTicker(c.resend)
+	defer resend.Stop()
+	for {
+		select {
+		case r := <-ch:
+			return r, nil
+		case <-ctx.Done():
+			return Message{}, ctx.Err()
+		case <-c.lost:
+			return Message{}, fmt.Errorf("%w: %v", ErrConnLost, c.Err())
+		case <-resend.C:
+			if err := c.publish(ctx, m); err != nil {
+				return Message{}, err
+			}
+		}
 	}
 }
 

@@ -172,6 +172,31 @@ func (e *env) gatewaySessions(user string) string {
 func TestE2EEmbedded(t *testing.T) {
 	e := newEnv(t)
 	e.embedded()
+	scenario(t, e)
+}
+
+func TestE2EMosquitto(t *testing.T) {
+	e := newEnv(t)
+	e.mosquitto("dev-42", "bob")
+	scenario(t, e)
+}
+
+// stopBroker stops the broker devices connect to (on the embedded broker,
+// the gateway itself) and returns a function that starts it again.
+func (e *env) stopBroker(t *testing.T) (restart func()) {
+	if e.mosq != nil {
+		e.mosq.Stop()
+		return e.mosq.Start
+	}
+	if code := e.gw.Stop(); code != 0 {
+		t.Errorf("chatgw exited %d on SIGTERM", code)
+	}
+	return e.gw.Start
+}
+
+// scenario is the life of a device: login, broker restart, daemon restart
+// and power cut, UserSig renewal, a second instance, account switch, logout.
+func scenario(t *testing.T, e *env) {
 	a := e.device("a", "dev-42", "")
 	s := a.waitLogined()
 	if s.UserID != "dev-42" || s.Session == "" || s.UserSigExpiresAt == nil {
@@ -180,21 +205,17 @@ func TestE2EEmbedded(t *testing.T) {
 	session := s.Session
 
 	t.Run("broker restart resumes the session", func(t *testing.T) {
-		if code := e.gw.Stop(); code != 0 {
-			t.Errorf("chatgw exited %d", code)
-		}
+		restart := e.stopBroker(t)
 		a.waitFor("reconnecting", func(s client.Status) bool { return !s.Connected })
 		if s := a.status(); s.LoginStatus != client.Logined || s.Connection != "reconnecting" {
 			t.Errorf("while the broker is down: %+v", s)
 		}
-		e.gw.Start()
+		restart()
 		s := a.waitLogined()
 		if s.Session != session {
 			t.Errorf("session %s after the restart, want the resumed %s", s.Session, session)
 		}
-		if !strings.Contains(e.gw.Log(), "msg=resume") {
-			t.Error("the gateway saw no resume")
-		}
+		proctest.Wait(t, 10*time.Second, "the gateway to log the resume", func() bool { return strings.Contains(e.gw.Log(), "msg=resume") })
 	})
 
 	t.Run("daemon restart and power cut come back from the persisted state", func(t *testing.T) {
@@ -255,6 +276,12 @@ func TestE2EEmbedded(t *testing.T) {
 	})
 
 	t.Run("account switch and logout", func(t *testing.T) {
+		if e.mosq != nil {
+			// Under the ACL template the broker username is the UserID, and
+			// chatd has one broker account: switching accounts needs the
+			// new user's account, which this setup does not configure.
+			t.Skip("account switch needs a broker account per user on Mosquitto; covered on the embedded broker")
+		}
 		ctx := context.Background()
 		sig := runHelper(t, e, "dev-42")
 		if r, err := a.c.Login(ctx, "dev-42", sig); err != nil || r.Code != 0 {
@@ -303,28 +330,6 @@ func runHelper(t *testing.T, e *env, user string) string {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(string(out))
-}
-
-func TestE2EMosquitto(t *testing.T) {
-	e := newEnv(t)
-	e.mosquitto("dev-42")
-	a := e.device("a", "dev-42", "")
-	s := a.waitLogined()
-	session := s.Session
-
-	e.mosq.Stop()
-	a.waitFor("reconnecting", func(s client.Status) bool { return !s.Connected })
-	e.mosq.Start()
-	s = a.waitLogined()
-	if s.Session != session {
-		t.Errorf("session %s after a Mosquitto restart, want %s resumed", s.Session, session)
-	}
-
-	b := e.device("b", "dev-42", "")
-	b.waitLogined()
-	if s := a.waitFor("kicked", func(s client.Status) bool { return s.LoginStatus == client.Logout }); s.LastError.Code != 6208 {
-		t.Errorf("kicked device: %+v", s)
-	}
 }
 
 func TestE2ESocketPermissions(t *testing.T) {

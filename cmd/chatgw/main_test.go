@@ -4,16 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
+	"chatd/internal/proctest"
 	"chatd/mqtt"
 	"chatd/mqtt/mosquittotest"
 	"chatd/usersig"
@@ -25,18 +23,8 @@ var chatgwBin string
 
 // TestMain builds the real chatgw binary once; the tests run it.
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "chatgw-test")
-	if err != nil {
-		panic(err)
-	}
-	chatgwBin = filepath.Join(dir, "chatgw")
-	out, err := exec.Command("go", "build", "-o", chatgwBin, ".").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "building chatgw: %v\n%s", err, out)
-		os.Exit(1)
-	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	proctest.Cleanup()
 	os.Exit(code)
 }
 
@@ -53,6 +41,7 @@ const testKeyText = "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb
 
 func chatgw(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
+	chatgwBin = proctest.Binary(t, "chatgw")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, chatgwBin, args...)
@@ -134,66 +123,6 @@ func TestServeConfigErrors(t *testing.T) {
 			}
 		})
 	}
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// gatewayProc is a running `chatgw serve`.
-type gatewayProc struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	log  *bytes.Buffer
-	args []string
-	done chan struct{}
-}
-
-func startGateway(t *testing.T, args ...string) *gatewayProc {
-	t.Helper()
-	g := &gatewayProc{t: t, args: args}
-	g.start()
-	t.Cleanup(func() { g.stop() })
-	return g
-}
-
-func (g *gatewayProc) start() {
-	g.t.Helper()
-	g.log = &bytes.Buffer{}
-	g.cmd = exec.Command(chatgwBin, append([]string{"serve"}, g.args...)...)
-	g.cmd.Stdout = g.log
-	g.cmd.Stderr = g.log
-	if err := g.cmd.Start(); err != nil {
-		g.t.Fatal(err)
-	}
-	g.done = make(chan struct{})
-	go func() { g.cmd.Wait(); close(g.done) }()
-}
-
-func (g *gatewayProc) stop() int {
-	if g.cmd == nil {
-		return 0
-	}
-	g.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-g.done:
-	case <-time.After(10 * time.Second):
-		g.cmd.Process.Kill()
-		<-g.done
-		g.t.Errorf("chatgw did not stop on SIGTERM within 10s")
-	}
-	code := g.cmd.ProcessState.ExitCode()
-	if g.t.Failed() {
-		g.t.Logf("chatgw log:\n%s", g.log.String())
-	}
-	g.cmd = nil
-	return code
 }
 
 // dialRetry connects a device, retrying while the broker or gateway starts.
@@ -284,20 +213,20 @@ func scenario(t *testing.T, dial func(user, instance, sig string) *mqtt.Conn, re
 
 func TestServeEmbeddedBroker(t *testing.T) {
 	keyFile := writeFile(t, "key", testKeyText)
-	broker := freePort(t)
-	admin := freePort(t)
+	broker := proctest.FreePort(t)
+	admin := proctest.FreePort(t)
 	state := filepath.Join(t.TempDir(), "state.db")
-	g := startGateway(t, "--sdkappid", "1400000001", "--key-file", keyFile, "--embedded-broker", broker, "--admin", admin, "--state", state)
+	g := proctest.Start(t, proctest.Binary(t, "chatgw"), "serve", "--sdkappid", "1400000001", "--key-file", keyFile, "--embedded-broker", broker, "--admin", admin, "--state", state)
 	dial := func(user, instance, sig string) *mqtt.Conn {
 		return dialRetry(t, mqtt.DialOptions{Brokers: []string{"tcp://" + broker}, UserID: user, Instance: instance, UserSig: sig})
 	}
 	scenario(t, dial, func() {
-		if code := g.stop(); code != 0 {
+		if code := g.Stop(); code != 0 {
 			t.Errorf("chatgw exited %d on SIGTERM, want 0", code)
 		}
-		g.start()
+		g.Start()
 	})
-	if strings.Contains(g.log.String(), testKeyText) {
+	if strings.Contains(g.Log(), testKeyText) {
 		t.Error("the key reached the log")
 	}
 	var sessions struct {
@@ -320,7 +249,7 @@ func TestServeMosquitto(t *testing.T) {
 		Users:   map[string]string{"chatgw": "gw-secret", "dev-42": "dev-pass"},
 	})
 	state := filepath.Join(t.TempDir(), "state.db")
-	g := startGateway(t, "--sdkappid", "1400000001", "--key-file", keyFile, "--broker", b.URL(),
+	proctest.Start(t, proctest.Binary(t, "chatgw"), "serve", "--sdkappid", "1400000001", "--key-file", keyFile, "--broker", b.URL(),
 		"--broker-username", "chatgw", "--broker-password-file", passFile, "--state", state)
 	dial := func(user, instance, sig string) *mqtt.Conn {
 		return dialRetry(t, mqtt.DialOptions{Brokers: []string{b.URL()}, UserID: user, Instance: instance, Username: user, Password: "dev-pass"})
@@ -329,5 +258,4 @@ func TestServeMosquitto(t *testing.T) {
 	if t.Failed() {
 		t.Logf("mosquitto log:\n%s", b.Log())
 	}
-	_ = g
 }
