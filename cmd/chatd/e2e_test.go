@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -384,4 +385,56 @@ func TestE2ESocketPermissions(t *testing.T) {
 	if s := a.status(); s.LoginStatus != client.Logined {
 		t.Errorf("bad requests changed the status: %+v", s)
 	}
+}
+
+func TestE2EStateDatabase(t *testing.T) {
+	e := newEnv(t)
+	e.embedded()
+
+	t.Run("a second chatd on the same database fails fast", func(t *testing.T) {
+		a := e.device("a", "dev-42", "")
+		a.waitLogined()
+		// Same config, another socket: only the database is shared.
+		cfg, _ := os.ReadFile(a.cfg)
+		other := filepath.Join(a.dir, "second.toml")
+		os.WriteFile(other, []byte(strings.Replace(string(cfg), "chatd.sock", "second.sock", 1)), 0o644)
+		start := time.Now()
+		out, err := exec.Command(proctest.Binary(t, "chatd"), "--config", other).CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("second chatd: %v\n%s", err, out)
+		}
+		if !strings.Contains(string(out), "another chatd") {
+			t.Errorf("the message does not say why:\n%s", out)
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Errorf("took %s to give up", d)
+		}
+		if s := a.status(); s.LoginStatus != client.Logined {
+			t.Errorf("the first chatd suffered: %+v", s)
+		}
+		a.p.Stop()
+	})
+
+	t.Run("an unreadable database is moved aside and chatd starts clean", func(t *testing.T) {
+		dir := filepath.Join(e.dir, "b")
+		os.MkdirAll(dir, 0o755)
+		garbage := make([]byte, 64<<10)
+		for i := range garbage {
+			garbage[i] = byte(i*7 + 3)
+		}
+		os.WriteFile(filepath.Join(dir, "state.db"), garbage, 0o600)
+		b := e.device("b", "dev-43", "")
+		s := b.waitLogined() // logs in again with usersig_command
+		if s.UserID != "dev-43" {
+			t.Errorf("status %+v", s)
+		}
+		moved, _ := filepath.Glob(filepath.Join(dir, "state.db.corrupt-*"))
+		if len(moved) != 1 {
+			t.Errorf("moved-aside files: %v", moved)
+		}
+		if !strings.Contains(b.p.Log(), "MOVED ASIDE") {
+			t.Errorf("no loud log line:\n%s", b.p.Log())
+		}
+	})
 }
