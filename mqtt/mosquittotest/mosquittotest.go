@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"chatd/internal/proctest"
 )
 
 // RequireEnv names the environment variable that, set to "1", turns a missing
@@ -356,20 +358,7 @@ func Tool(t testing.TB, name string) string {
 // working directory by walking up to go.mod.
 func ACLTemplate(t testing.TB) string {
 	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			break
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatalf("no go.mod above the working directory; cannot find build/mosquitto/acl")
-		}
-		dir = parent
-	}
+	dir := proctest.ModuleRoot(t)
 	p := filepath.Join(dir, "build", "mosquitto", "acl")
 	if _, err := os.Stat(p); err != nil {
 		t.Fatalf("ACL template: %v", err)
