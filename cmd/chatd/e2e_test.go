@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -435,6 +436,140 @@ func TestE2EStateDatabase(t *testing.T) {
 		}
 		if !strings.Contains(b.p.Log(), "MOVED ASIDE") {
 			t.Errorf("no loud log line:\n%s", b.p.Log())
+		}
+	})
+}
+
+// notifyListener stands in for systemd's notify socket.
+func notifyListener(t *testing.T, dir string) (string, <-chan string) {
+	t.Helper()
+	path := filepath.Join(dir, "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ch := make(chan string, 256)
+	go func() {
+		b := make([]byte, 4096)
+		for {
+			n, err := c.Read(b)
+			if err != nil {
+				close(ch)
+				return
+			}
+			ch <- string(b[:n])
+		}
+	}()
+	return path, ch
+}
+
+func expectNotify(t *testing.T, ch <-chan string, what string, match func(string) bool) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case m, ok := <-ch:
+			if !ok {
+				t.Fatalf("notify socket closed before %s", what)
+			}
+			if match(m) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("no %s from chatd", what)
+		}
+	}
+}
+
+func TestE2ESystemdProtocol(t *testing.T) {
+	e := newEnv(t)
+	e.embedded()
+	notify, ch := notifyListener(t, e.dir)
+	dir := filepath.Join(e.dir, "sd")
+	os.MkdirAll(dir, 0o755)
+	sock := filepath.Join(dir, "chatd.sock")
+	cfg := filepath.Join(dir, "chatd.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("sdkappid = %s\nuser_id = \"dev-42\"\nbroker = %q\nusersig_command = %q\nstate_db = %q\nsocket = %q\n",
+		appID, e.broker, e.helper, filepath.Join(dir, "state.db"), sock)), 0o644)
+
+	t.Run("notify, status, watchdog, stopping", func(t *testing.T) {
+		p := proctest.New(t, proctest.Binary(t, "chatd"), "--config", cfg)
+		p.Env = []string{"NOTIFY_SOCKET=" + notify, "WATCHDOG_USEC=1000000"}
+		p.Start()
+		expectNotify(t, ch, "READY=1", func(m string) bool {
+			if m != "READY=1" {
+				return false
+			}
+			if _, err := os.Stat(sock); err != nil {
+				t.Errorf("READY=1 before the socket exists: %v", err)
+			}
+			return true
+		})
+		expectNotify(t, ch, "STATUS=LOGINED as dev-42", func(m string) bool { return m == "STATUS=LOGINED as dev-42" })
+		expectNotify(t, ch, "WATCHDOG=1", func(m string) bool { return m == "WATCHDOG=1" })
+		if code := p.Stop(); code != 0 {
+			t.Errorf("exit %d on SIGTERM", code)
+		}
+		expectNotify(t, ch, "STOPPING=1", func(m string) bool { return m == "STOPPING=1" })
+		if _, err := os.Stat(sock); !os.IsNotExist(err) {
+			t.Errorf("the socket it made is still there after a clean stop: %v", err)
+		}
+	})
+
+	t.Run("socket activation", func(t *testing.T) {
+		activate, err := exec.LookPath("systemd-socket-activate")
+		if err != nil {
+			t.Skip("systemd-socket-activate not installed (Debian package systemd)")
+		}
+		act := filepath.Join(dir, "activated.sock")
+		p := proctest.Start(t, activate, "-l", act, proctest.Binary(t, "chatd"), "--config", cfg, "--socket", filepath.Join(dir, "unused.sock"))
+		c := client.New(act)
+		var s client.Status
+		proctest.Wait(t, 20*time.Second, "LOGINED through the passed socket", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			s, _ = c.Status(ctx)
+			return s.LoginStatus == client.Logined
+		})
+		if _, err := os.Stat(filepath.Join(dir, "unused.sock")); !os.IsNotExist(err) {
+			t.Errorf("chatd made its own socket although one was passed: %v", err)
+		}
+		p.Stop()
+	})
+
+	t.Run("journald format", func(t *testing.T) {
+		// systemd tells a service its stderr is the journal with
+		// JOURNAL_STREAM=dev:inode of that stream.
+		logf := filepath.Join(dir, "journal.log")
+		f, _ := os.Create(logf)
+		fi, _ := f.Stat()
+		st := fi.Sys().(*syscall.Stat_t)
+		cmd := exec.Command(proctest.Binary(t, "chatd"), "--config", cfg)
+		cmd.Stderr = f
+		cmd.Env = append(os.Environ(), fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino))
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		c := client.New(sock)
+		proctest.Wait(t, 20*time.Second, "LOGINED", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			s, _ := c.Status(ctx)
+			return s.LoginStatus == client.Logined
+		})
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		f.Close()
+		b, _ := os.ReadFile(logf)
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		for _, l := range lines {
+			if !strings.HasPrefix(l, "<") || strings.Contains(l, "time=") {
+				t.Errorf("not a journald line: %q", l)
+			}
+		}
+		if !strings.Contains(string(b), "<6>level=INFO msg=\"login status LOGINING -> LOGINED\"") {
+			t.Errorf("no status change at info priority:\n%s", b)
 		}
 	})
 }

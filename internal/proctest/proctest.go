@@ -110,8 +110,16 @@ type Proc struct {
 // shows its output.
 func Start(t testing.TB, path string, args ...string) *Proc {
 	t.Helper()
-	p := &Proc{t: t, Path: path, Args: args}
+	p := New(t, path, args...)
 	p.Start()
+	return p
+}
+
+// New prepares a Proc without starting it (set Env or SysProcAttr, then
+// Start); t.Cleanup stops it and, if the test failed, shows its output.
+func New(t testing.TB, path string, args ...string) *Proc {
+	t.Helper()
+	p := &Proc{t: t, Path: path, Args: args}
 	t.Cleanup(func() {
 		p.Stop()
 		if t.Failed() {
