@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := chatd chatctl chatgw
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm clean
+.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,6 +71,9 @@ check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and 
 test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64, and the end-to-end test on arm64.
 	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 ./build/test-arm.sh
 
+cross: ## Build chatd, chatctl, chatgw for ARMv6, ARMv7, arm64 and amd64 into dist/cross/ (static, stripped, reproducible) and print their sizes.
+	@./build/cross.sh
+
 demo-smoke: build ## Start the demo, check it logs in, stop it.
 	@./build/demo.sh --smoke
 
@@ -78,4 +81,4 @@ demo: build ## Run the gateway with its embedded broker and a demo device under 
 	@./build/demo.sh
 
 clean: ## Remove build output and demo state.
-	rm -rf $(BIN) .demo
+	rm -rf $(BIN) .demo dist
