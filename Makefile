@@ -64,7 +64,7 @@ fuzz: ## Run each fuzz target for FUZZTIME (default 10s); the corpora live in te
 	done
 
 check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
-	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 $(GO) test -race -count=1 ./...
+	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 CHATD_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory demo-smoke
 	$(MAKE) --no-print-directory test-arm
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -164,10 +165,12 @@ func (d *device) waitLogined() client.Status {
 }
 
 func (e *env) gatewaySessions(user string) string {
-	out, err := exec.Command("curl", "-s", "--unix-socket", e.adminS, "http://chatgw/v1/users/"+user).Output()
+	resp, err := proctest.UnixHTTP(e.adminS).Get("http://chatgw/v1/users/" + user)
 	if err != nil {
-		e.t.Fatalf("curl: %v", err)
+		e.t.Fatalf("gateway admin API: %v", err)
 	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
 	return string(out)
 }
 
@@ -338,6 +341,7 @@ func TestE2ESocketPermissions(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to run a client as another user")
 	}
+	curl := proctest.Tool(t, "curl", "curl")
 	e := newEnv(t)
 	e.embedded()
 	a := e.device("a", "dev-42", "\n[api]\nsocket_group = \"nogroup\"\n")
@@ -351,7 +355,7 @@ func TestE2ESocketPermissions(t *testing.T) {
 		t.Errorf("socket mode %v, want 0660", fi.Mode().Perm())
 	}
 	asNobody := func(args ...string) (string, int) {
-		cmd := exec.Command("curl", append([]string{"-s", "-w", "\n%{http_code}", "--unix-socket", sock}, args...)...)
+		cmd := exec.Command(curl, append([]string{"-s", "-w", "\n%{http_code}", "--unix-socket", sock}, args...)...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 		out, err := cmd.Output()
 		if err != nil {
@@ -378,7 +382,7 @@ func TestE2ESocketPermissions(t *testing.T) {
 		{"no user_sig", `{"user_id":"x"}`},
 		{"unknown field", `{"user_id":"x","user_sig":"y","z":1}`},
 	} {
-		out, _ := exec.Command("curl", "-s", "-w", "\n%{http_code}", "--unix-socket", sock, "-X", "POST", "-d", tc.body, "http://chatd/v1/login").Output()
+		out, _ := exec.Command(curl, "-s", "-w", "\n%{http_code}", "--unix-socket", sock, "-X", "POST", "-d", tc.body, "http://chatd/v1/login").Output()
 		if !strings.HasSuffix(strings.TrimSpace(string(out)), "400") || !strings.Contains(string(out), "error") {
 			t.Errorf("%s: %s", tc.name, out)
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -232,12 +233,13 @@ func TestServeEmbeddedBroker(t *testing.T) {
 	var sessions struct {
 		Sessions []json.RawMessage `json:"sessions"`
 	}
-	out, err := exec.Command("curl", "-sf", "http://"+admin+"/v1/sessions").Output()
-	if err == nil {
-		json.Unmarshal(out, &sessions)
-		if len(sessions.Sessions) != 1 {
-			t.Errorf("admin API lists %d sessions, want 1: %s", len(sessions.Sessions), out)
-		}
+	resp, err := http.Get("http://" + admin + "/v1/sessions")
+	if err != nil {
+		t.Fatalf("admin API: %v", err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&sessions); err != nil || len(sessions.Sessions) != 1 {
+		t.Errorf("admin API lists %d sessions, want 1 (%v)", len(sessions.Sessions), err)
 	}
 }
 

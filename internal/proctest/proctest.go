@@ -6,8 +6,10 @@ package proctest
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -219,5 +221,37 @@ func Wait(t testing.TB, within time.Duration, what string, cond func() bool) {
 			t.Fatalf("waited %s for %s", within, what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// RequireToolsEnv names the variable that, set to "1" (make check does),
+// turns a missing tool into a failure instead of a skip.
+const RequireToolsEnv = "CHATD_REQUIRE_TOOLS"
+
+// Tool finds an installed program a test needs, or skips the test (fails
+// it under CHATD_REQUIRE_TOOLS=1) with the Debian package to install.
+func Tool(t testing.TB, name, debianPackage string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p
+	}
+	msg := fmt.Sprintf("%s not installed: apt-get install %s", name, debianPackage)
+	if os.Getenv(RequireToolsEnv) == "1" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// UnixHTTP is an HTTP client that talks to a Unix socket, whatever the
+// URL's host.
+func UnixHTTP(socket string) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		}},
 	}
 }
