@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := chatd chatctl chatgw
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross clean
+.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,10 +66,21 @@ fuzz: ## Run each fuzz target for FUZZTIME (default 10s); the corpora live in te
 check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
 	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 CHATD_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory demo-smoke
+	$(MAKE) --no-print-directory check-units
+	$(MAKE) --no-print-directory check-debs
 	$(MAKE) --no-print-directory test-arm
 
 test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64, and the end-to-end test on arm64.
 	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 ./build/test-arm.sh
+
+check-units: ## Verify the systemd units and their exposure score (at most 2.0).
+	./build/check-units.sh
+
+packages: ## Build the Debian packages (armhf = ARMv6 build, arm64, amd64) into dist/.
+	./build/packages.sh $(DEB_VERSION)
+
+check-debs: packages ## Inspect the .debs and install the amd64 one in a Debian 12 chroot (root).
+	./build/check-packages.sh
 
 cross: ## Build chatd, chatctl, chatgw for ARMv6, ARMv7, arm64 and amd64 into dist/cross/ (static, stripped, reproducible) and print their sizes.
 	@./build/cross.sh

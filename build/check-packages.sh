@@ -10,8 +10,9 @@
 #     root made by mmdebstrap (cached in $CACHE, keyed on its package list),
 #     unpacked afresh for every run. The maintainer scripts run there, as
 #     on a device, but with no systemd running: install, upgrade, remove,
-#     purge, installing again with the host's `dpkg --root`, and installing
-#     where deb-systemd-helper is missing.
+#     purge, installing again with the host's `dpkg --root`, installing
+#     where deb-systemd-helper is missing, and with
+#     --force-script-chrootless (DPKG_ROOT) into a root inside the root.
 #
 # Run as root (chroot). Missing Debian packages (mmdebstrap, file) are
 # installed with apt-get. The first run downloads the root file system
@@ -21,7 +22,6 @@
 #   CHATD_TEST_REFRESH=1 build/check-packages.sh   (rebuild the cached root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
 
 GO=${GO:-go}
 CACHE=${CHATD_TEST_CACHE:-/var/cache/chatd-test}
@@ -33,6 +33,19 @@ pass=0
 fail=0
 ok() { pass=$((pass + 1)); echo "ok   $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+expect() { # expect DESCRIPTION GOT WANT: ok if GOT is WANT
+	if [ "$2" = "$3" ]; then ok "$1: $2"; else bad "$1: got '$2', want '$3'"; fi
+}
+run_ok() { # run_ok DESCRIPTION LOG COMMAND...: ok if it succeeds, else show LOG
+	local what=$1 log=$2
+	shift 2
+	if "$@" >"$log" 2>&1; then
+		ok "$what"
+	else
+		bad "$what:"
+		sed 's/^/     /' "$log"
+	fi
+}
 check() { # check DESCRIPTION COMMAND...: ok if the command succeeds
 	local what=$1
 	shift
@@ -96,19 +109,17 @@ for deb in "${debs[@]}"; do
 	x=$work/static-$arch
 	mkdir -p "$x"
 	field() { dpkg-deb --field "$deb" "$1"; }
-	[ "$(field Package)" = chatd ] && ok "$arch: Package: chatd" || bad "$arch: Package is '$(field Package)'"
-	[ "$(field Architecture)" = "$arch" ] && ok "$arch: Architecture: $arch" ||
-		bad "$arch: Architecture is '$(field Architecture)', the file name says $arch"
+	expect "$arch: Package" "$(field Package)" chatd
+	expect "$arch: Architecture (as in the file name)" "$(field Architecture)" "$arch"
 	ver=$(field Version)
-	[ "$name" = "chatd_${ver}_${arch}.deb" ] && ok "$arch: Version: $ver" || bad "$arch: Version '$ver' does not match the file name"
-	check "$arch: Depends: passwd" grep -qx 'passwd' <(field Depends | tr ', ' '\n\n')
+	expect "$arch: file name from Version $ver" "$name" "chatd_${ver}_${arch}.deb"
+	check "$arch: Depends: passwd" grep -qx 'passwd' <(field Depends | tr -s ', ' '\n')
 	dpkg-deb --info "$deb" >"$x/info"
 	for s in postinst prerm postrm; do
 		check "$arch: maintainer script $s, executable" grep -Eq "^ +[0-9]+ bytes, +[0-9]+ lines +\* +$s " "$x/info"
 	done
 	conffiles=$(dpkg-deb --info "$deb" conffiles 2>/dev/null || true)
-	[ "$conffiles" = /etc/chatd/chatd.toml ] && ok "$arch: DEBIAN/conffiles lists /etc/chatd/chatd.toml" ||
-		bad "$arch: DEBIAN/conffiles is '$conffiles'"
+	expect "$arch: DEBIAN/conffiles" "$conffiles" /etc/chatd/chatd.toml
 
 	dpkg-deb --contents "$deb" | awk '$1 !~ /^d/ { print $1, $2, $6 }' | sort >"$x/contents"
 	expected_files | sort >"$x/expected"
@@ -116,7 +127,7 @@ for deb in "${debs[@]}"; do
 		ok "$arch: files, modes and owners as expected ($(wc -l <"$x/expected") files, nothing else)"
 	else
 		bad "$arch: files differ (- expected, + in the package):"
-		sed -n 's/^\([-+][^-+]\)/     \1/p' "$x/diff"
+		tail -n +3 "$x/diff" | grep -E '^[-+]' | sed 's/^/     /'
 	fi
 
 	dpkg-deb --extract "$deb" "$x/root"
@@ -189,21 +200,17 @@ else
 	cp "$amd64_deb" "$R/tmp/chatd.deb"
 	version=$(dpkg-deb --field "$amd64_deb" Version)
 	in_root() { chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+	# shellcheck disable=SC2016 # a dpkg-query format, not a shell expression
 	status() { in_root dpkg-query -W -f='${db:Status-Abbrev}' chatd 2>/dev/null | tr -d ' ' || true; }
-	wants=(etc/systemd/system/multi-user.target.wants/chatd.service
-		etc/systemd/system/sockets.target.wants/chatd.socket)
+	# Only the service is enabled; socket activation is opt-in.
+	wants=(etc/systemd/system/multi-user.target.wants/chatd.service)
 
 	check "no systemd running in the root (no /run/systemd/system)" test ! -d "$R/run/systemd/system"
 	check "deb-systemd-helper present (init-system-helpers is Essential)" test -x "$R/usr/bin/deb-systemd-helper"
 
 	# -- install
-	if in_root dpkg -i /tmp/chatd.deb >"$work/install.log" 2>&1; then
-		ok "dpkg -i chatd.deb (in the chroot)"
-	else
-		bad "dpkg -i chatd.deb:"
-		sed 's/^/     /' "$work/install.log"
-	fi
-	[ "$(status)" = ii ] && ok "dpkg status: ii $version" || bad "dpkg status is '$(status)'"
+	run_ok "dpkg -i chatd.deb (in the chroot)" "$work/install.log" in_root dpkg -i /tmp/chatd.deb
+	expect "dpkg status of chatd $version" "$(status)" ii
 	if grep -Eiq 'warning|error' "$work/install.log"; then
 		bad "dpkg -i printed warnings:"
 		sed 's/^/     /' "$work/install.log"
@@ -212,7 +219,7 @@ else
 	fi
 	grp=$(in_root getent group chatd || true)
 	pw=$(in_root getent passwd chatd || true)
-	[ -n "$grp" ] && ok "group chatd: $grp" || bad "group chatd missing"
+	check "group chatd exists: $grp" test -n "$grp"
 	IFS=: read -r _ _ uid gid _ home shell <<<"$pw"
 	if [ -n "$pw" ] && [ "$uid" -lt 1000 ] && [ "$gid" = "$(cut -d: -f3 <<<"$grp")" ] &&
 		[ "$home" = /var/lib/chatd ] && [ "$shell" = /usr/sbin/nologin ]; then
@@ -222,21 +229,20 @@ else
 	fi
 	check "no home directory created (systemd's StateDirectory makes it)" test ! -e "$R/var/lib/chatd"
 	perm=$(in_root stat -c '%A %U:%G' /etc/chatd/chatd.toml 2>/dev/null || echo missing)
-	[ "$perm" = "-rw-r----- root:chatd" ] && ok "/etc/chatd/chatd.toml: $perm" || bad "/etc/chatd/chatd.toml: $perm (want -rw-r----- root:chatd)"
+	expect "/etc/chatd/chatd.toml" "$perm" "-rw-r----- root:chatd"
 	so=$(in_root dpkg-statoverride --list /etc/chatd/chatd.toml || true)
-	[ "$so" = "root chatd 640 /etc/chatd/chatd.toml" ] && ok "dpkg-statoverride: $so" || bad "dpkg-statoverride: '$so'"
+	expect "dpkg-statoverride" "$so" "root chatd 640 /etc/chatd/chatd.toml"
 	for u in chatd.service chatd.socket; do
 		check "/lib/systemd/system/$u installed" test -f "$R/lib/systemd/system/$u"
 	done
 	for w in "${wants[@]}"; do
 		t=$(readlink "$R/$w" || true)
-		[ "$t" = "/lib/systemd/system/${w##*/}" ] && ok "enabled: /$w -> $t" || bad "not enabled: /$w ('$t')"
+		expect "enabled: /$w links to" "$t" "/lib/systemd/system/${w##*/}"
 	done
 	check "nothing started (no /run/chatd)" test ! -e "$R/run/chatd"
 
 	for b in chatd chatctl chatgw; do
-		out=$(in_root /usr/bin/$b --version 2>&1) && [ "$out" = "$b $version" ] &&
-			ok "$b --version: $out" || bad "$b --version: '$out' (want '$b $version')"
+		expect "$b --version" "$(in_root /usr/bin/$b --version 2>&1)" "$b $version"
 	done
 	rc=0
 	out=$(in_root chroot --userspec=chatd:chatd / /usr/bin/chatd --check-config 2>&1) || rc=$?
@@ -258,24 +264,23 @@ else
 	# with an administrator's change to the conffile, which must survive.
 	sed -i 's/^#sdkappid = 1400000001$/sdkappid = 1400000001/' "$R/etc/chatd/chatd.toml"
 	mkdir -p "$R/var/lib/chatd" && echo state >"$R/var/lib/chatd/state.db"
-	if in_root dpkg -i /tmp/chatd.deb >"$work/upgrade.log" 2>&1; then
-		ok "dpkg -i again (upgrade path: postinst configure $version)"
-	else
-		bad "dpkg -i again:"
-		sed 's/^/     /' "$work/upgrade.log"
-	fi
+	run_ok "dpkg -i again (upgrade path: postinst configure $version)" "$work/upgrade.log" \
+		in_root dpkg -i /tmp/chatd.deb
 	check "the administrator's change to chatd.toml is kept" grep -q '^sdkappid = 1400000001' "$R/etc/chatd/chatd.toml"
 	perm=$(in_root stat -c '%A %U:%G' /etc/chatd/chatd.toml 2>/dev/null || echo missing)
-	[ "$perm" = "-rw-r----- root:chatd" ] && ok "after the upgrade: chatd.toml $perm" || bad "after the upgrade: chatd.toml $perm"
+	expect "after the upgrade: chatd.toml" "$perm" "-rw-r----- root:chatd"
 	rc=0
 	out=$(in_root chroot --userspec=chatd:chatd / /usr/bin/chatd --check-config 2>&1) || rc=$?
-	grep -q 'sdkappid      1400000001' <<<"$out" && ok "chatd --check-config reads the changed config as user chatd" ||
+	if grep -q 'sdkappid      1400000001' <<<"$out"; then
+		ok "chatd --check-config reads the changed config as user chatd"
+	else
 		bad "chatd --check-config after the change: exit $rc: $out"
+	fi
 
 	# -- remove
-	uid_before=$(in_root id -u chatd)
-	if in_root dpkg -r chatd >"$work/remove.log" 2>&1; then ok "dpkg -r chatd"; else bad "dpkg -r chatd:" && sed 's/^/     /' "$work/remove.log"; fi
-	[ "$(status)" = rc ] && ok "dpkg status after remove: rc (config files kept)" || bad "dpkg status after remove: '$(status)'"
+	uid_before=$(in_root id -u chatd || true)
+	run_ok "dpkg -r chatd" "$work/remove.log" in_root dpkg -r chatd
+	expect "dpkg status after remove (config files kept)" "$(status)" rc
 	check "binaries removed" test ! -e "$R/usr/bin/chatd"
 	check "units removed" test ! -e "$R/lib/systemd/system/chatd.service"
 	check "conffile kept after remove" test -f "$R/etc/chatd/chatd.toml"
@@ -283,8 +288,8 @@ else
 	check "user chatd kept" in_root getent passwd chatd
 
 	# -- purge
-	if in_root dpkg -P chatd >"$work/purge.log" 2>&1; then ok "dpkg -P chatd"; else bad "dpkg -P chatd:" && sed 's/^/     /' "$work/purge.log"; fi
-	[ -z "$(status)" ] || [ "$(status)" = un ] && ok "dpkg status after purge: not installed" || bad "dpkg status after purge: '$(status)'"
+	run_ok "dpkg -P chatd" "$work/purge.log" in_root dpkg -P chatd
+	check "dpkg status after purge: not installed" test -z "$(status)" -o "$(status)" = un
 	check "/etc/chatd removed by purge" test ! -e "$R/etc/chatd"
 	check "/var/lib/chatd removed by purge" test ! -e "$R/var/lib/chatd"
 	check "statoverride removed by purge" test -z "$(in_root dpkg-statoverride --list /etc/chatd/chatd.toml || true)"
@@ -294,25 +299,35 @@ else
 	check "user chatd kept after purge (Debian policy)" in_root getent passwd chatd
 
 	# -- install with the host's dpkg --root (dpkg chroots for the scripts)
-	if dpkg --root="$R" -i "$amd64_deb" >"$work/root-install.log" 2>&1; then
-		ok "dpkg --root=ROOT -i (host dpkg)"
-	else
-		bad "dpkg --root=ROOT -i:"
-		sed 's/^/     /' "$work/root-install.log"
-	fi
-	[ "$(in_root id -u chatd)" = "$uid_before" ] && ok "the existing user chatd is reused (uid $uid_before)" || bad "user chatd changed uid"
+	run_ok "dpkg --root=ROOT -i (host dpkg)" "$work/root-install.log" dpkg --root="$R" -i "$amd64_deb"
+	expect "the existing user chatd is reused: uid" "$(in_root id -u chatd)" "$uid_before"
 	for w in "${wants[@]}"; do check "enabled again: /$w" test -L "$R/$w"; done
-	if dpkg --root="$R" -P chatd >"$work/root-purge.log" 2>&1; then ok "dpkg --root=ROOT -P"; else bad "dpkg --root=ROOT -P:" && sed 's/^/     /' "$work/root-purge.log"; fi
+	run_ok "dpkg --root=ROOT -P" "$work/root-purge.log" dpkg --root="$R" -P chatd
 
 	# -- no deb-systemd-helper, no systemctl: enabling is skipped, nothing fails
 	mv "$R/usr/bin/deb-systemd-helper" "$R/usr/bin/deb-systemd-helper.hidden"
-	if in_root dpkg -i /tmp/chatd.deb >"$work/nodsh.log" 2>&1 && in_root dpkg -P chatd >>"$work/nodsh.log" 2>&1; then
-		ok "install and purge without deb-systemd-helper or systemctl"
-	else
-		bad "install/purge without deb-systemd-helper:"
-		sed 's/^/     /' "$work/nodsh.log"
-	fi
+	run_ok "install without deb-systemd-helper or systemctl" "$work/nodsh.log" in_root dpkg -i /tmp/chatd.deb
+	for w in "${wants[@]}"; do check "  ...leaves it disabled: no /$w" test ! -L "$R/$w"; done
+	run_ok "  ...and purge" "$work/nodsh-purge.log" in_root dpkg -P chatd
 	mv "$R/usr/bin/deb-systemd-helper.hidden" "$R/usr/bin/deb-systemd-helper"
+
+	# -- dpkg --force-script-chrootless: the scripts run outside the target
+	# with DPKG_ROOT set. The outer system is the chroot (not this host),
+	# with a second copy of the root inside it as the target.
+	T=$R/target
+	mkdir "$T"
+	tar -C "$T" -xf "$tarball"
+	cp "$R/etc/passwd" "$work/outer-passwd"
+	run_ok "dpkg --root=TARGET --force-script-chrootless -i" "$work/chrootless.log" \
+		in_root dpkg --root=/target --force-script-chrootless -i /tmp/chatd.deb
+	check "  ...created user chatd in the target" grep -q '^chatd:' "$T/etc/passwd"
+	check "  ...not in the system running the scripts" cmp -s "$R/etc/passwd" "$work/outer-passwd"
+	expect "  ...chatd.toml group (gid)" "$(stat -c %g "$T/etc/chatd/chatd.toml")" \
+		"$(awk -F: '$1 == "chatd" { print $3 }' "$T/etc/group")"
+	for w in "${wants[@]}"; do check "  ...enabled in the target: /$w" test -L "$T/$w"; done
+	run_ok "dpkg --root=TARGET --force-script-chrootless -P" "$work/chrootless-purge.log" \
+		in_root dpkg --root=/target --force-script-chrootless -P chatd
+	check "  ...purged /etc/chatd and the statoverride" test ! -e "$T/etc/chatd" -a ! -s "$T/var/lib/dpkg/statoverride"
 fi
 
 echo "== check-packages: $pass passed, $fail failed ($(($(date +%s) - start))s; ${#debs[@]} packages: ${debs[*]##*/})"

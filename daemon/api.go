@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"chatd/client"
@@ -385,7 +386,9 @@ func ListenSocket(path string, groupGID int) (net.Listener, error) {
 		ln.Close()
 		return nil, fmt.Errorf("API socket %s: %w", path, err)
 	}
-	if groupGID >= 0 {
+	if groupGID >= 0 && !ownedByGroup(path, groupGID) {
+		// Skipped when the socket already has the group (the service's own
+		// group), so a sandbox that forbids chown costs nothing.
 		if err := os.Chown(path, -1, groupGID); err != nil {
 			ln.Close()
 			return nil, fmt.Errorf("API socket %s: giving it to group %d: %w", path, groupGID, err)
@@ -429,4 +432,14 @@ func ServeAPI(ctx context.Context, ln net.Listener, h http.Handler) error {
 	}
 	<-errc
 	return nil
+}
+
+// ownedByGroup reports whether path belongs to group gid.
+func ownedByGroup(path string, gid int) bool {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && int(st.Gid) == gid
 }

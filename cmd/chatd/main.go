@@ -66,6 +66,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg, err := daemon.LoadConfig(*configPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "chatd:", err)
+		if *configured {
+			// Let the unit start so that it fails visibly (exit 2) instead
+			// of being skipped as "not configured".
+			return exitOK
+		}
 		return exitConfig
 	}
 	if *socket != "" {
