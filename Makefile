@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := chatd chatctl chatgw
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs clean
+.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs test-board clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,7 @@ check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and 
 	$(MAKE) --no-print-directory check-units
 	$(MAKE) --no-print-directory check-debs
 	$(MAKE) --no-print-directory test-arm
+	$(MAKE) --no-print-directory test-board
 
 test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64, and the end-to-end test on arm64.
 	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 ./build/test-arm.sh
@@ -81,6 +82,9 @@ packages: ## Build the Debian packages (armhf = ARMv6 build, arm64, amd64) into 
 
 check-debs: packages ## Inspect the .debs and install the amd64 one in a Debian 12 chroot (root).
 	./build/check-packages.sh
+
+test-board: build ## Boot a whole ARM board (Debian 12, systemd) in QEMU with the chatd package: login, permissions, broker outage, reboot (ARCH=armhf too).
+	./build/board/test-board.sh $(or $(ARCH),arm64)
 
 cross: ## Build chatd, chatctl, chatgw for ARMv6, ARMv7, arm64 and amd64 into dist/cross/ (static, stripped, reproducible) and print their sizes.
 	@./build/cross.sh

@@ -5,8 +5,8 @@
 # The initramfs lists only the modules that mounting the root over virtio
 # needs (QEMU's virt machine: virtio over MMIO and PCI, the disk, the NIC,
 # ext4). With initramfs-tools' default MODULES=most every module is
-# inspected under emulation and the image is built twice: about 19 minutes
-# instead of under 3 (docs: /work/shared/reference/qemu-notes.md).
+# inspected under emulation and the image is built twice: a root file
+# system build takes about 19 minutes instead of 5 to 6.
 set -eu
 root=$1
 mkdir -p "$root/etc/initramfs-tools/conf.d" "$root/etc/initramfs-tools/hooks"

@@ -37,7 +37,8 @@ report() {
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 status_json() { chatctl status --json 2>/dev/null | jq -c . 2>/dev/null || echo '{}'; }
-field() { jq -r "$1 // empty" <<<"$2"; }
+# A field of a JSON object ("" when absent; false stays false).
+field() { jq -r "$1 | select(. != null)" <<<"$2"; }
 
 # What the host needs when something failed.
 report_chatd_log() {
@@ -99,35 +100,50 @@ if [ "$boot" = 1 ]; then
 	report "after_logout_login_status=$(field .login_status "$st")"
 
 	# --- broker outage --------------------------------------------------------
-	# The host stops chatgw (its embedded broker) when it reads this line,
-	# and starts it again 20 s later.
+	# The host stops chatgw (its embedded broker) when it reads outage=ready,
+	# and starts it again 20 s later. chatd's events (chatctl watch) show the
+	# disconnect however short it is; polling the status would miss one
+	# shorter than a poll.
+	events=$STATE/outage-events.jsonl
+	chatctl watch --json >"$events" 2>&1 &
+	watch_pid=$!
+	for _ in $(seq 1 100); do
+		grep -q '"type": *"status"' "$events" && break
+		sleep 0.2
+	done
 	report "outage=ready"
-	t0=$(uptime_s)
+	t0=$SECONDS
 	seen=0
-	for _ in $(seq 1 240); do
-		st=$(status_json)
-		if [ "$(field .connected "$st")" = false ]; then
+	while [ $((SECONDS - t0)) -lt 150 ]; do
+		if grep -qE '"type": *"on(Connecting|ConnectFailed)"' "$events"; then
 			seen=1
 			break
 		fi
 		sleep 0.5
 	done
 	report "outage_disconnected=$seen"
-	report "outage_disconnected_status=$st"
-	report "outage_disconnected_after=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')"
-	t1=$(uptime_s)
+	report "outage_disconnected_after=$((SECONDS - t0))"
+	t1=$SECONDS
 	recovered=0
-	for _ in $(seq 1 180); do
-		chatctl wait --status LOGINED --timeout 60s >/dev/null 2>&1 || true
-		st=$(status_json)
-		if [ "$(field .login_status "$st")" = 1 ] && [ "$(field .connected "$st")" = true ]; then
-			recovered=1
-			break
+	while [ "$seen" = 1 ] && [ $((SECONDS - t1)) -lt 150 ]; do
+		if grep -q '"type": *"onConnectSuccess"' "$events"; then
+			st=$(status_json)
+			if [ "$(field .login_status "$st")" = 1 ] && [ "$(field .connected "$st")" = true ]; then
+				recovered=1
+				break
+			fi
 		fi
-		sleep 1
+		sleep 0.5
 	done
+	kill "$watch_pid" 2>/dev/null
+	wait "$watch_pid" 2>/dev/null
+	st=$(status_json)
 	report "outage_recovered=$recovered"
-	report "outage_recovered_after=$(awk -v a="$t1" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')"
+	report "outage_recovered_after=$((SECONDS - t1))"
+	ev() { jq -r "select(.type != null and .type != \"status\") | $1" "$events" 2>/dev/null; }
+	report "outage_first_event=$(ev '.time[11:19] + " " + .type + (if .code then "(" + (.code|tostring) + ")" else "" end)' | head -n 1)"
+	report "outage_failed_attempts=$(ev '.type' | grep -c '^onConnectFailed$')"
+	report "outage_success_at=$(ev 'select(.type == "onConnectSuccess") | .time[11:19]' | head -n 1)"
 	report "outage_status=$st"
 	report "outage_session=$(field .session "$st")"
 	report_unit
@@ -156,10 +172,15 @@ report_unit
 
 # --- the journal holds no UserSig ----------------------------------------------
 sig=$(tr -d ' \n\r\t' < /etc/chatd/usersig)
-report "journal_boots=$(journalctl --list-boots --no-pager 2>/dev/null | grep -c .)"
+# --list-boots prints a header line first (systemd 252).
+report "journal_boots=$(journalctl --list-boots --no-pager 2>/dev/null | grep -cE '^ *-?[0-9]+ +[0-9a-f]{32} ')"
 report "journal_chatd_lines=$(journalctl -u chatd --no-pager -o cat 2>/dev/null | grep -c .)"
 report "journal_usersig_hits=$(journalctl --no-pager -o cat 2>/dev/null | grep -cF -- "$sig")"
 report "journal_eJ_hits=$(journalctl -u chatd --no-pager -o verbose 2>/dev/null | grep -cE 'eJ[A-Za-z0-9_*-]{20,}')"
+
+# Where the boot time went (systemd's own view; slow under emulation).
+report "analyze_time=$(timeout 60 systemd-analyze time 2>&1 | head -n 1)"
+report "analyze_chain=$(timeout 60 systemd-analyze critical-chain chatd.service 2>&1 | grep -E '[@+][0-9]' | head -n 8 | sed 's/^[^a-z]*//' | tr '\n' ';')"
 
 report "phase=done"
 sync
