@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -92,10 +93,10 @@ type Daemon struct {
 	// Owned by the state goroutine.
 	st       storage.State
 	sigExp   time.Time // expiry of st.UserSig (decoded; zero when unknown)
+	sigTime  time.Time // when st.UserSig was issued (zero when unknown)
 	goal     bool      // the user wants to be logged in
 	gen      uint64    // bumped whenever the goal changes; stale results are dropped
 	conn     Conn
-	connGen  uint64 // gen the connection was made for
 	phase    string
 	busy     bool // a dial or request is under way
 	waiters  []chan loginReply
@@ -137,9 +138,6 @@ func New(o Options) (*Daemon, error) {
 	if o.ClockSynced == nil {
 		o.ClockSynced = systemClockSynced
 	}
-	if o.Rand == nil {
-		o.Rand = newBackoff(0, 0).rand
-	}
 	topics, err := mqtt.NewTopics(o.Config.MQTT.TopicPrefix)
 	if err != nil {
 		return nil, err
@@ -173,7 +171,9 @@ func New(o Options) (*Daemon, error) {
 		subs:   map[chan client.Event]struct{}{},
 	}
 	d.bo = newBackoff(cfg.Reconnect.MinDelay.Duration, cfg.Reconnect.MaxDelay.Duration)
-	d.bo.rand = o.Rand
+	if o.Rand != nil {
+		d.bo.rand = o.Rand
+	}
 	d.metrics = newMetrics(d)
 	return d, nil
 }
@@ -358,9 +358,10 @@ func (d *Daemon) startLogin(user string, sig usersig.Secret) {
 	d.save()
 }
 
-// noteSig decodes the current UserSig's expiry.
+// noteSig decodes the current UserSig's issue and expiry times.
 func (d *Daemon) noteSig() {
 	d.sigExp = time.Time{}
+	d.sigTime = time.Time{}
 	d.renewAt = time.Time{}
 	if d.st.UserSig.IsZero() {
 		return
@@ -370,16 +371,18 @@ func (d *Daemon) noteSig() {
 		return
 	}
 	d.sigExp = t.ExpiresAt()
+	d.sigTime = time.Unix(t.Time, 0)
 	d.st.UserSigExpiresAt = d.sigExp
-	d.scheduleRenewal(time.Unix(t.Time, 0))
+	d.scheduleRenewal()
 }
 
 // scheduleRenewal sets when to fetch the next UserSig: renew_margin before
 // the expiry (server clock), but never before half the UserSig's life has
 // passed, so that a helper handing out short-lived UserSigs does not make a
 // renewal loop. A margin of 0 turns proactive renewal off.
-func (d *Daemon) scheduleRenewal(issued time.Time) {
+func (d *Daemon) scheduleRenewal() {
 	d.renewAt = time.Time{}
+	issued := d.sigTime
 	margin := d.cfg.UserSig.RenewMargin.Duration
 	if d.sigCmd == nil || margin <= 0 || d.sigExp.IsZero() {
 		return
@@ -400,7 +403,7 @@ func (d *Daemon) serverNow() time.Time { return d.clock.Now().Add(d.offset) }
 // time) and would think its UserSig expired or not yet valid.
 func (d *Daemon) clockTrusted() bool { return d.offKnown || d.synced() }
 
-// localRenewAt converts a server-clock deadline to the local clock.
+// localTime converts a server-clock time to the local clock.
 func (d *Daemon) localTime(server time.Time) time.Time { return server.Add(-d.offset) }
 
 func (d *Daemon) nextWake() time.Time {
@@ -673,7 +676,6 @@ func (d *Daemon) onDialed(m dialed) {
 		return
 	}
 	d.conn = m.conn
-	d.connGen = m.gen
 	d.stableAt = d.clock.Now().Add(d.cfg.Reconnect.StableAfter.Duration)
 	go d.watch(m.conn)
 }
@@ -798,11 +800,7 @@ func (d *Daemon) online(r mqtt.Message, why string) {
 		if !exp.Equal(d.sigExp) {
 			d.sigExp = exp
 			d.st.UserSigExpiresAt = exp
-			var issued time.Time
-			if t, err := usersig.Decode(d.st.UserSig.Reveal()); err == nil {
-				issued = time.Unix(t.Time, 0)
-			}
-			d.scheduleRenewal(issued)
+			d.scheduleRenewal()
 		}
 	}
 	if d.phase != connConnected {
@@ -986,29 +984,8 @@ func classifyConnErr(err error) (int, string) {
 		return ge.code, ge.desc
 	}
 	msg := err.Error()
-	if containsFold(msg, "not authori") || containsFold(msg, "bad user name or password") {
+	if lower := strings.ToLower(msg); strings.Contains(lower, "not authori") || strings.Contains(lower, "bad user name or password") {
 		return mqtt.CodeInvalidParams, "the broker refused the credentials (" + msg + "): check [mqtt] username and password_file, or the UserSig on the gateway's embedded broker"
 	}
 	return mqtt.CodeServerTimeout, msg
-}
-
-func containsFold(s, sub string) bool {
-	n := len(sub)
-	for i := 0; i+n <= len(s); i++ {
-		match := true
-		for j := 0; j < n; j++ {
-			a, b := s[i+j], sub[j]
-			if 'A' <= a && a <= 'Z' {
-				a += 'a' - 'A'
-			}
-			if a != b {
-				match = false
-				break
-			}
-		}
-		if match {
-			return true
-		}
-	}
-	return false
 }

@@ -60,11 +60,10 @@ func newStats(now func() time.Time, sessions func() (active, online int)) *stats
 	return st
 }
 
-func (st *stats) login(code int)            { st.logins.With(strconv.Itoa(code)).Inc() }
-func (st *stats) resume(code int)           { st.resumes.With(strconv.Itoa(code)).Inc() }
-func (st *stats) dropped(reason string)     { st.drops.With(reason).Inc() }
-func (st *stats) write(w io.Writer)         { st.set.WritePrometheus(w) }
-func (st *stats) counter(name string) int64 { return int64(st.set.GetOrCreateCounter(name).Get()) }
+func (st *stats) login(code int)        { st.logins.With(strconv.Itoa(code)).Inc() }
+func (st *stats) resume(code int)       { st.resumes.With(strconv.Itoa(code)).Inc() }
+func (st *stats) dropped(reason string) { st.drops.With(reason).Inc() }
+func (st *stats) write(w io.Writer)     { st.set.WritePrometheus(w) }
 
 // active records that user was online today (UTC), for the daily active
 // users gauge.

@@ -249,9 +249,6 @@ func (c *Conn) Request(ctx context.Context, m Message) (Message, error) {
 	}
 }
 
-// Publish sends m on the device's up topic without waiting for a reply.
-func (c *Conn) Publish(ctx context.Context, m Message) error { return c.publish(ctx, m) }
-
 func (c *Conn) publish(ctx context.Context, m Message) error {
 	t := c.c.Publish(c.topics.Up(c.user, c.instance), QoSRequest, false, Encode(m))
 	select {

@@ -205,13 +205,6 @@ func (p *Proc) signal(sig syscall.Signal) int {
 	return cmd.ProcessState.ExitCode()
 }
 
-// Exited reports whether the process has ended by itself.
-func (p *Proc) Exited() <-chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.done
-}
-
 // Wait waits (bounded) until cond holds, polling every 20 ms.
 func Wait(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
