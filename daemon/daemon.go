@@ -7,6 +7,7 @@
 package daemon
 
 import (
+	"chatd/codes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -329,7 +330,7 @@ func (d *Daemon) autoLogin() {
 		d.st.UserID = ""
 		d.st.UserSig = usersig.Secret{}
 		d.st.Session = ""
-		d.setError(mqtt.CodeNotInitialized, "no UserSig: set usersig_file or usersig_command, or log in with chatctl login")
+		d.setError(codes.NotInitialized, "no UserSig: set usersig_file or usersig_command, or log in with chatctl login")
 		d.setStatus(client.Logout, "no credential")
 		return
 	}
@@ -422,7 +423,7 @@ func (d *Daemon) nextWake() time.Time {
 	if d.goal && !d.renewing && !d.renewAt.IsZero() && d.clockTrusted() {
 		consider(d.localTime(d.renewAt))
 	}
-	if !d.goal && d.cfg.Kick.After == "relogin" && client.LoginStatus(d.st.Status) == client.Logout && d.st.LastError.Code == mqtt.CodeKickedOffline {
+	if !d.goal && d.cfg.Kick.After == "relogin" && client.LoginStatus(d.st.Status) == client.Logout && d.st.LastError.Code == codes.KickedOffline {
 		consider(d.retryAt)
 	}
 	return at
@@ -438,7 +439,7 @@ func (d *Daemon) step() {
 	}
 	// After a kick, with kick.after = "relogin": log in again when due.
 	if !d.goal && d.cfg.Kick.After == "relogin" && client.LoginStatus(d.st.Status) == client.Logout &&
-		d.st.LastError.Code == mqtt.CodeKickedOffline && d.st.UserID != "" && !d.retryAt.IsZero() && !now.Before(d.retryAt) {
+		d.st.LastError.Code == codes.KickedOffline && d.st.UserID != "" && !d.retryAt.IsZero() && !now.Before(d.retryAt) {
 		d.log.Info("logging in again after the kick", "kicks", d.st.KickCount)
 		kicks := d.st.KickCount
 		d.startLogin(d.st.UserID, d.st.UserSig)
@@ -465,7 +466,7 @@ func (d *Daemon) step() {
 		}
 		// 6206: expired by a trusted clock; don't even try.
 		if d.clockTrusted() && !d.sigExp.IsZero() && d.serverNow().After(d.sigExp) {
-			d.expired(mqtt.CodeUserSigExpiredLocal, "the UserSig expired at "+d.sigExp.UTC().Format(time.RFC3339))
+			d.expired(codes.UserSigExpiredLocal, "the UserSig expired at "+d.sigExp.UTC().Format(time.RFC3339))
 			return
 		}
 		d.dial()
@@ -554,11 +555,11 @@ func (d *Daemon) handle(m any) {
 
 func (d *Daemon) onLogin(c cmdLogin) {
 	if err := mqtt.ValidateUserID(c.user); err != nil {
-		c.reply <- loginReply{mqtt.CodeInvalidUserID, err.Error()}
+		c.reply <- loginReply{codes.InvalidUserID, err.Error()}
 		return
 	}
 	if c.sig.IsZero() && d.sigCmd == nil {
-		c.reply <- loginReply{mqtt.CodeInvalidParams, "user_sig is empty (and no usersig_command is configured to fetch one)"}
+		c.reply <- loginReply{codes.InvalidParams, "user_sig is empty (and no usersig_command is configured to fetch one)"}
 		return
 	}
 	status := client.LoginStatus(d.st.Status)
@@ -629,7 +630,7 @@ func (d *Daemon) endSession(why string, logout bool) {
 	d.busy = false
 	d.renewing = false
 	d.relogin = false
-	d.failWaiters(mqtt.CodeNotLoggedIn, "login cancelled: "+why)
+	d.failWaiters(codes.NotLoggedIn, "login cancelled: "+why)
 	session, user := d.st.Session, d.st.UserID
 	d.st.Session = ""
 	if conn := d.conn; conn != nil {
@@ -684,7 +685,7 @@ func (d *Daemon) onDialed(m dialed) {
 func (d *Daemon) connectFailed(err error) {
 	code, desc := classifyConnErr(err)
 	d.emit(client.Event{Type: client.EventConnectFailed, Code: code, Desc: desc})
-	if code == mqtt.CodeInvalidParams {
+	if code == codes.InvalidParams {
 		// The broker refused our credentials: retrying changes nothing.
 		d.stop(code, desc)
 		return
@@ -743,9 +744,9 @@ func (d *Daemon) onAnswered(m answered) {
 		switch {
 		case r.Code == 0:
 			d.online(r, "resumed session "+r.Session)
-		case r.Code == mqtt.CodeKickedOffline:
+		case r.Code == codes.KickedOffline:
 			d.kicked(r.Code, r.Desc)
-		case mqtt.NeedsNewUserSig(r.Code):
+		case codes.NeedsNewUserSig(r.Code):
 			d.expired(r.Code, r.Desc)
 		default:
 			// The session is gone (6014): log in again with the UserSig.
@@ -761,11 +762,11 @@ func (d *Daemon) onAnswered(m answered) {
 			d.relogin = false
 			d.fetchTry = 0
 			d.online(r, "logged in as "+d.st.UserID)
-		case r.Code == mqtt.CodeKickedOffline:
+		case r.Code == codes.KickedOffline:
 			d.kicked(r.Code, r.Desc)
-		case mqtt.NeedsNewUserSig(r.Code):
+		case codes.NeedsNewUserSig(r.Code):
 			d.expired(r.Code, r.Desc)
-		case mqtt.Retryable(r.Code):
+		case codes.Retryable(r.Code):
 			d.conn = nil
 			go m.conn.Close(true)
 			d.connectFailed(&gatewayError{r.Code, r.Desc})
@@ -864,7 +865,7 @@ func (d *Daemon) expired(code int, desc string) {
 // fetchUserSig runs usersig_command in the background.
 func (d *Daemon) fetchUserSig(why string) {
 	if d.sigCmd == nil {
-		d.stop(mqtt.CodeNotInitialized, "no UserSig and no usersig_command to get one")
+		d.stop(codes.NotInitialized, "no UserSig and no usersig_command to get one")
 		return
 	}
 	d.renewing = true
@@ -895,10 +896,10 @@ func (d *Daemon) onFetched(m fetched) {
 	if m.err != nil {
 		d.metrics.renewal(false)
 		d.log.Warn("getting a new UserSig failed", "err", m.err)
-		d.setError(mqtt.CodeUserSigExpiredLocal, m.err.Error())
+		d.setError(codes.UserSigExpiredLocal, m.err.Error())
 		if d.st.UserSig.IsZero() || d.sigExp.IsZero() || (d.clockTrusted() && d.serverNow().After(d.sigExp)) || d.fetchTry >= 5 {
 			if client.LoginStatus(d.st.Status) != client.Logined || d.fetchTry >= 5 {
-				d.stop(mqtt.CodeUserSigExpiredLocal, m.err.Error())
+				d.stop(codes.UserSigExpiredLocal, m.err.Error())
 				return
 			}
 		}
@@ -950,13 +951,13 @@ func (d *Daemon) onPush(m pushed) {
 	}
 	switch msg.Type {
 	case mqtt.TypeKick:
-		d.kicked(mqtt.CodeKickedOffline, msg.Desc)
+		d.kicked(codes.KickedOffline, msg.Desc)
 	case mqtt.TypeUserSigExpire:
 		if msg.ServerTimeMs != 0 {
 			d.offset = time.UnixMilli(msg.ServerTimeMs).Sub(d.clock.Now())
 			d.offKnown = true
 		}
-		d.expired(mqtt.CodeUserSigExpired, msg.Desc)
+		d.expired(codes.UserSigExpired, msg.Desc)
 	}
 }
 
@@ -966,7 +967,7 @@ func (d *Daemon) shutdown() {
 		d.conn.Close(true)
 		d.conn = nil
 	}
-	d.failWaiters(mqtt.CodeInterrupted, "chatd is shutting down")
+	d.failWaiters(codes.Interrupted, "chatd is shutting down")
 	d.save()
 	d.mu.Lock()
 	for ch := range d.subs {
@@ -985,7 +986,7 @@ func classifyConnErr(err error) (int, string) {
 	}
 	msg := err.Error()
 	if lower := strings.ToLower(msg); strings.Contains(lower, "not authori") || strings.Contains(lower, "bad user name or password") {
-		return mqtt.CodeInvalidParams, "the broker refused the credentials (" + msg + "): check [mqtt] username and password_file, or the UserSig on the gateway's embedded broker"
+		return codes.InvalidParams, "the broker refused the credentials (" + msg + "): check [mqtt] username and password_file, or the UserSig on the gateway's embedded broker"
 	}
-	return mqtt.CodeServerTimeout, msg
+	return codes.ServerTimeout, msg
 }

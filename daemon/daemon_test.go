@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"chatd/codes"
 	"context"
 	"errors"
 	"fmt"
@@ -179,7 +180,7 @@ func (c *fakeConn) Request(ctx context.Context, m mqtt.Message) (mqtt.Message, e
 		r.Type = mqtt.TypeLogoutResult
 	}
 	if r.Code != 0 {
-		r.Desc = mqtt.CodeText(r.Code)
+		r.Desc = codes.Text(r.Code)
 		r.ServerTimeMs = 0
 	}
 	return r, nil

@@ -1,12 +1,12 @@
 package daemon
 
 import (
+	"chatd/codes"
 	"context"
 	"io"
 	"time"
 
 	"chatd/client"
-	"chatd/mqtt"
 	"chatd/storage"
 	"chatd/usersig"
 )
@@ -134,9 +134,9 @@ func (d *Daemon) Login(ctx context.Context, user string, sig usersig.Secret) (in
 	select {
 	case d.inbox <- cmdLogin{user: user, sig: sig, reply: reply}:
 	case <-d.done:
-		return mqtt.CodeInterrupted, "chatd is shutting down"
+		return codes.Interrupted, "chatd is shutting down"
 	case <-ctx.Done():
-		return mqtt.CodeInProgress, "gave up waiting: " + ctx.Err().Error()
+		return codes.InProgress, "gave up waiting: " + ctx.Err().Error()
 	}
 	return waitReply(ctx, reply, d.done)
 }
@@ -147,9 +147,9 @@ func (d *Daemon) Logout(ctx context.Context) (int, string) {
 	select {
 	case d.inbox <- cmdLogout{reply: reply}:
 	case <-d.done:
-		return mqtt.CodeInterrupted, "chatd is shutting down"
+		return codes.Interrupted, "chatd is shutting down"
 	case <-ctx.Done():
-		return mqtt.CodeLogoutInProgress, "gave up waiting: " + ctx.Err().Error()
+		return codes.LogoutInProgress, "gave up waiting: " + ctx.Err().Error()
 	}
 	return waitReply(ctx, reply, d.done)
 }
@@ -164,9 +164,9 @@ func waitReply(ctx context.Context, reply chan loginReply, done chan struct{}) (
 			return r.code, r.desc
 		default:
 		}
-		return mqtt.CodeInterrupted, "chatd is shutting down"
+		return codes.Interrupted, "chatd is shutting down"
 	case <-ctx.Done():
-		return mqtt.CodeInProgress, "still in progress; gave up waiting: " + ctx.Err().Error()
+		return codes.InProgress, "still in progress; gave up waiting: " + ctx.Err().Error()
 	}
 }
 

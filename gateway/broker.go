@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"chatd/codes"
 	"context"
 	"fmt"
 	"io"
@@ -129,7 +130,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	// so the device can be told 70001 in the protocol instead of a bare
 	// "not authorised"; the gateway refuses the login itself.
 	_, err := usersig.Verify(string(pk.Connect.Password), h.opts.SDKAppID, h.opts.Key, user, h.opts.Now())
-	if code := usersig.CodeOf(err); code != 0 && code != mqtt.CodeUserSigExpired {
+	if code := usersig.CodeOf(err); code != 0 && code != codes.UserSigExpired {
 		log.Info("broker refused device: the MQTT password must be a UserSig for this user", "code", code, "err", err)
 		return false
 	}

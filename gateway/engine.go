@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"chatd/codes"
 	"errors"
 	"fmt"
 	"sort"
@@ -194,7 +195,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 	reply := func(r mqtt.Message) []Outbound {
 		r.ID = m.ID
 		if r.Desc == "" && r.Code != 0 {
-			r.Desc = mqtt.CodeText(r.Code)
+			r.Desc = codes.Text(r.Code)
 		}
 		if r.ID != "" {
 			e.replies[key] = r
@@ -202,7 +203,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 		return []Outbound{{UserID: user, Instance: instance, Msg: r}}
 	}
 	if m.UserID != "" && m.UserID != user {
-		return reply(mqtt.Message{Type: resultType(m.Type), Code: mqtt.CodeInvalidParams,
+		return reply(mqtt.Message{Type: resultType(m.Type), Code: codes.InvalidParams,
 			Desc: fmt.Sprintf("user_id %q does not match the topic's user %q", m.UserID, user)})
 	}
 	switch m.Type {
@@ -230,7 +231,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 		return nil
 	default:
 		e.stats.dropped("unknown_type")
-		return reply(mqtt.Message{Type: mqtt.TypeError, Code: mqtt.CodeInvalidParams,
+		return reply(mqtt.Message{Type: mqtt.TypeError, Code: codes.InvalidParams,
 			Desc: fmt.Sprintf("unknown message type %q; this gateway speaks protocol %s: login, resume, logout, offline", m.Type, mqtt.Version)})
 	}
 }
@@ -259,42 +260,42 @@ func (e *engine) fail(now time.Time, user string) {
 func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, reply func(mqtt.Message) []Outbound) []Outbound {
 	res := func(code int, desc string) []Outbound {
 		e.stats.login(code)
-		if code != mqtt.CodeOK {
+		if code != codes.OK {
 			e.fail(now, user)
 		}
 		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: code, Desc: desc})
 	}
 	if err := mqtt.ValidateUserID(user); err != nil {
-		return res(mqtt.CodeInvalidUserID, err.Error())
+		return res(codes.InvalidUserID, err.Error())
 	}
 	platform := m.Platform
 	if platform == "" {
 		platform = "Linux"
 	}
 	if !mqtt.ValidPlatform(platform) {
-		return res(mqtt.CodeInvalidParams, fmt.Sprintf("unknown platform %q; use one of %v", m.Platform, mqtt.Platforms))
+		return res(codes.InvalidParams, fmt.Sprintf("unknown platform %q; use one of %v", m.Platform, mqtt.Platforms))
 	}
 	if f, ok := e.failed[user]; ok && f.count >= e.cfg.MaxFailures && now.Sub(f.since) <= e.cfg.FailureWindow {
-		e.stats.login(mqtt.CodeTooManyFailures)
-		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: mqtt.CodeTooManyFailures,
+		e.stats.login(codes.TooManyFailures)
+		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.TooManyFailures,
 			Desc: fmt.Sprintf("%d failed logins within %s; retry after %s", f.count, e.cfg.FailureWindow, f.since.Add(e.cfg.FailureWindow).Sub(now).Round(time.Second))})
 	}
 	t, err := usersig.Verify(m.UserSig, e.cfg.SDKAppID, e.cfg.Key, user, now)
 	if err != nil {
 		code := usersig.CodeOf(err)
 		if code <= 0 {
-			code = mqtt.CodeUserSigInvalid
+			code = codes.UserSigInvalid
 		}
 		return res(code, err.Error())
 	}
 	if at, ok := e.revoked[user]; ok && t.Time < at {
-		return res(mqtt.CodeUserSigRevoked, fmt.Sprintf("this UserSig was issued at %s, before %q was kicked by an operator at %s; get a new UserSig",
+		return res(codes.UserSigRevoked, fmt.Sprintf("this UserSig was issued at %s, before %q was kicked by an operator at %s; get a new UserSig",
 			time.Unix(t.Time, 0).UTC().Format(time.RFC3339), user, time.Unix(at, 0).UTC().Format(time.RFC3339)))
 	}
 	if st := e.instance(user, instance); st.KickedOffline {
 		e.setKickedOffline(user, instance, false)
 		if e.cfg.KickedOfflineFails {
-			return res(mqtt.CodeKickedOffline, "this instance was kicked offline while it was away; log in again deliberately")
+			return res(codes.KickedOffline, "this instance was kicked offline while it was away; log in again deliberately")
 		}
 	}
 
@@ -321,7 +322,7 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 	}
 	e.sessions[s.ID] = s
 	e.touch(s)
-	e.stats.login(mqtt.CodeOK)
+	e.stats.login(codes.OK)
 	e.stats.active(user, now)
 	delete(e.failed, user)
 	r := reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
@@ -370,7 +371,7 @@ func (e *engine) kick(now time.Time, s *Session, reason, byPlatform string) []Ou
 	// Sent even when the instance looks offline: its presence may lag, and
 	// a kick that names a session the device no longer has is ignored.
 	return []Outbound{{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
-		Type: mqtt.TypeKick, Session: s.ID, Code: mqtt.CodeKickedOffline, Reason: reason, ByPlatform: byPlatform,
+		Type: mqtt.TypeKick, Session: s.ID, Code: codes.KickedOffline, Reason: reason, ByPlatform: byPlatform,
 		Desc: kickDesc(reason, byPlatform),
 	}}}
 }
@@ -386,7 +387,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 	r := mqtt.Message{Type: mqtt.TypeResumeResult, Session: m.Session}
 	s, ok := e.sessions[m.Session]
 	if !ok || s.UserID != user || s.Instance != instance {
-		r.Code, r.Desc = mqtt.CodeNotLoggedIn, "unknown session; log in"
+		r.Code, r.Desc = codes.NotLoggedIn, "unknown session; log in"
 		return r
 	}
 	if s.Active() && now.After(s.ExpiresAt) {
@@ -402,14 +403,14 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 		r.UserSigExpiresAt = s.ExpiresAt.Unix()
 		return r
 	case EndKicked:
-		r.Code, r.Desc = mqtt.CodeKickedOffline, kickDesc(s.KickedBy, "another platform")
+		r.Code, r.Desc = codes.KickedOffline, kickDesc(s.KickedBy, "another platform")
 		// The kick is now known to the instance: its next login is not a
 		// login after an unseen kick.
 		e.setKickedOffline(user, instance, false)
 	case EndExpired:
-		r.Code, r.Desc = mqtt.CodeUserSigExpired, "the session's UserSig expired at "+s.ExpiresAt.UTC().Format(time.RFC3339)+"; get a new UserSig, then log in"
+		r.Code, r.Desc = codes.UserSigExpired, "the session's UserSig expired at "+s.ExpiresAt.UTC().Format(time.RFC3339)+"; get a new UserSig, then log in"
 	default:
-		r.Code, r.Desc = mqtt.CodeNotLoggedIn, "the session ended ("+s.EndReason+"); log in"
+		r.Code, r.Desc = codes.NotLoggedIn, "the session ended ("+s.EndReason+"); log in"
 	}
 	return r
 }
@@ -434,7 +435,7 @@ func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
 			e.stats.expired.Inc()
 			if online {
 				out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
-					Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: mqtt.CodeUserSigExpired,
+					Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: codes.UserSigExpired,
 					Desc: "the UserSig expired at " + s.ExpiresAt.UTC().Format(time.RFC3339) + "; get a new UserSig, then log in", ServerTimeMs: now.UnixMilli(),
 				}})
 			}

@@ -7,6 +7,7 @@
 package gateway
 
 import (
+	"chatd/codes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -181,7 +182,7 @@ func (g *Gateway) HandleMessage(topic string, payload []byte) {
 		if len(payload) > 0 && len(payload) <= mqtt.MaxPayload*4 {
 			// Answer so a developer sees why; a flood of garbage is dropped silently.
 			g.commit([]Outbound{{UserID: user, Instance: instance, Msg: mqtt.Message{
-				Type: mqtt.TypeError, Code: mqtt.CodeInvalidParams, Desc: err.Error()}}})
+				Type: mqtt.TypeError, Code: codes.InvalidParams, Desc: err.Error()}}})
 		}
 		return
 	}

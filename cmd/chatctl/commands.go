@@ -1,6 +1,7 @@
 package main
 
 import (
+	"chatd/codes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -79,11 +80,11 @@ func (c *cmd) formatStatus(st client.Status) string {
 	if st.LastError.Code == 0 {
 		line("last error", "none")
 	} else {
-		msg := describeCode(st.LastError.Code)
+		msg := codes.Describe(st.LastError.Code)
 		if st.LastError.Message != "" {
 			msg += ": " + st.LastError.Message
 		}
-		if h := codeHint(st.LastError.Code); h != "" {
+		if h := codes.Hint(st.LastError.Code); h != "" {
 			msg += "; " + h
 		}
 		line("last error", "%s", msg)
@@ -227,11 +228,11 @@ func (c *cmd) report(what string, res client.Result[client.Status], asJSON bool,
 		}
 	}
 	if res.Code != 0 {
-		msg := fmt.Sprintf("%s failed: code %s", what, describeCode(res.Code))
+		msg := fmt.Sprintf("%s failed: code %s", what, codes.Describe(res.Code))
 		if res.Desc != "" {
 			msg += ": " + res.Desc
 		}
-		return failure(codeHint(res.Code), "%s", msg)
+		return failure(codes.Hint(res.Code), "%s", msg)
 	}
 	if !asJSON {
 		_, err := io.WriteString(c.stdout, ok())
@@ -288,7 +289,7 @@ func (c *cmd) formatEvent(ev client.Event) string {
 			fmt.Fprintf(&b, " connection=%s", conn)
 		}
 		if s.LastError.Code != 0 {
-			fmt.Fprintf(&b, " last_error=%s", describeCode(s.LastError.Code))
+			fmt.Fprintf(&b, " last_error=%s", codes.Describe(s.LastError.Code))
 		}
 	} else if ev.Status != 0 {
 		fmt.Fprintf(&b, " %s (%d)", ev.Status, int(ev.Status))
@@ -297,7 +298,7 @@ func (c *cmd) formatEvent(ev client.Event) string {
 		fmt.Fprintf(&b, " user=%s", ev.UserID)
 	}
 	if ev.Code != 0 {
-		fmt.Fprintf(&b, " code=%s", describeCode(ev.Code))
+		fmt.Fprintf(&b, " code=%s", codes.Describe(ev.Code))
 	}
 	if ev.Desc != "" {
 		fmt.Fprintf(&b, " desc=%q", ev.Desc)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"chatd/codes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -343,7 +344,7 @@ func usersigVerify(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "0 OK: valid for %q until %s\n", t.Identifier, t.ExpiresAt().UTC().Format(time.RFC3339))
 		return nil
 	}
-	fmt.Fprintf(stdout, "%d %s\n", code, mqtt.CodeText(code))
+	fmt.Fprintf(stdout, "%d %s\n", code, codes.Text(code))
 	return &cliError{code: exitFailure, msg: err.Error()}
 }
 
