@@ -1,21 +1,18 @@
 package daemon
 
 import (
+	"chatd/internal/unixsock"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"os/user"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"chatd/client"
@@ -354,47 +351,15 @@ func writeAPIError(w http.ResponseWriter, e *client.APIError) {
 	writeAPIJSON(w, e.HTTPStatus, e)
 }
 
-// ListenSocket listens on the Unix socket path for the local API. It
-// creates the parent directory (0755) if missing, replaces a stale socket
-// (but not a socket another process still serves, nor anything that is not
-// a socket), and makes the socket 0660, owned by groupGID unless that is
-// -1, so that the group's members may connect.
+// ListenSocket listens on the Unix socket path for the local API (see
+// unixsock.Listen): 0660, owned by groupGID unless that is -1, and never
+// taking over a socket another chatd still serves.
 func ListenSocket(path string, groupGID int) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, fmt.Errorf("API socket %s: creating its directory: %w", path, err)
-		}
+	ln, err := unixsock.Listen(path, "API socket", groupGID)
+	if errors.Is(err, unixsock.ErrInUse) {
+		return nil, fmt.Errorf("%w; is chatd already running?", err)
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != fs.ModeSocket {
-			return nil, fmt.Errorf("API socket %s: the path exists and is not a socket (%s); remove it or choose another socket path", path, fi.Mode().Type())
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("API socket %s: another process is serving on it; is chatd already running?", path)
-		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("API socket %s: removing the stale socket: %w", path, err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("API socket %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("API socket %s: %w", path, err)
-	}
-	if groupGID >= 0 && !ownedByGroup(path, groupGID) {
-		// Skipped when the socket already has the group (the service's own
-		// group), so a sandbox that forbids chown costs nothing.
-		if err := os.Chown(path, -1, groupGID); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("API socket %s: giving it to group %d: %w", path, groupGID, err)
-		}
-	}
-	return ln, nil
+	return ln, err
 }
 
 // ServeAPI serves h on ln until ctx ends, then shuts down gracefully (open
@@ -432,14 +397,4 @@ func ServeAPI(ctx context.Context, ln net.Listener, h http.Handler) error {
 	}
 	<-errc
 	return nil
-}
-
-// ownedByGroup reports whether path belongs to group gid.
-func ownedByGroup(path string, gid int) bool {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return false
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	return ok && int(st.Gid) == gid
 }

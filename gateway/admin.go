@@ -1,12 +1,12 @@
 package gateway
 
 import (
+	"chatd/internal/unixsock"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"time"
 )
@@ -77,22 +77,15 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 // ListenAdmin listens on addr: a path (containing '/') is a Unix socket made
-// 0660; anything else is host:port and must be a loopback address, since
+// 0660, never taking over one that another chatgw still serves; anything else is host:port and must be a loopback address, since
 // the API has no authentication of its own.
 func ListenAdmin(addr string) (net.Listener, error) {
 	if strings.Contains(addr, "/") {
-		if err := os.Remove(addr); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("admin socket %s: removing the old socket: %w", addr, err)
+		ln, err := unixsock.Listen(addr, "admin socket", -1)
+		if errors.Is(err, unixsock.ErrInUse) {
+			return nil, fmt.Errorf("%w; is another chatgw running?", err)
 		}
-		ln, err := net.Listen("unix", addr)
-		if err != nil {
-			return nil, fmt.Errorf("admin socket %s: %w", addr, err)
-		}
-		if err := os.Chmod(addr, 0o660); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("admin socket %s: %w", addr, err)
-		}
-		return ln, nil
+		return ln, err
 	}
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
