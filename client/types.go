@@ -89,6 +89,16 @@ type Status struct {
 	Instance string `json:"instance"`
 	// Broker is the broker in use or being tried.
 	Broker string `json:"broker,omitempty"`
+	// Phase is what the login core is doing: Idle, Fetching, WaitRetry,
+	// Dialing, Requesting, Online, KickedWait, Stopped.
+	Phase string `json:"phase"`
+	// StatePersisted is false while the state cannot be written to the
+	// state database (StateError says why): it will not survive a restart.
+	StatePersisted bool   `json:"state_persisted"`
+	StateError     string `json:"state_error,omitempty"`
+	// PendingLogouts counts logouts the gateway has not been told yet
+	// (they are delivered when the connection is back).
+	PendingLogouts int `json:"pending_logouts,omitempty"`
 }
 
 // Event is one line of GET /v1/events.

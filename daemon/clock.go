@@ -1,14 +1,16 @@
 package daemon
 
 import (
-	"math/rand/v2"
 	"time"
 )
 
 // Clock is the daemon's source of time; tests use a fake one so that no
 // test sleeps.
 type Clock interface {
+	// Now is the wall clock: it may be wrong and may be stepped.
 	Now() time.Time
+	// Mono is monotonic time since the clock was made: it never steps.
+	Mono() time.Duration
 	NewTimer(d time.Duration) Timer
 }
 
@@ -18,9 +20,14 @@ type Timer interface {
 	Stop() bool
 }
 
-type realClock struct{}
+type realClock struct{ base time.Time }
 
-func (realClock) Now() time.Time { return time.Now() }
+func newRealClock() realClock { return realClock{base: time.Now()} }
+
+// Now strips the monotonic reading: the wall clock is what it says.
+func (realClock) Now() time.Time { return time.Now().Round(0) }
+
+func (c realClock) Mono() time.Duration { return time.Since(c.base) }
 
 func (realClock) NewTimer(d time.Duration) Timer { return realTimer{time.NewTimer(d)} }
 
@@ -28,31 +35,3 @@ type realTimer struct{ t *time.Timer }
 
 func (t realTimer) C() <-chan time.Time { return t.t.C }
 func (t realTimer) Stop() bool          { return t.t.Stop() }
-
-// backoff is capped exponential backoff with full jitter: the n-th delay is
-// uniform in [0, min(max, min*2^n)], so a fleet that lost its broker at the
-// same instant does not come back at the same instant. Even the first retry
-// waits a random part of min. It restarts only after a connection stayed up
-// (reset), never merely because a connection was made.
-type backoff struct {
-	min, max time.Duration
-	attempt  int
-	rand     func(n int64) int64 // uniform in [0, n)
-}
-
-func newBackoff(min, max time.Duration) *backoff {
-	return &backoff{min: min, max: max, rand: rand.Int64N}
-}
-
-// next returns the delay before the next attempt and counts it.
-func (b *backoff) next() time.Duration {
-	ceil := b.min
-	for i := 0; i < b.attempt && ceil < b.max; i++ {
-		ceil *= 2
-	}
-	ceil = min(ceil, b.max)
-	b.attempt++
-	return time.Duration(b.rand(int64(ceil) + 1))
-}
-
-func (b *backoff) reset() { b.attempt = 0 }

@@ -1,13 +1,16 @@
-// Package daemon is chatd's core: one goroutine owns the login state and
-// keeps the device's chat identity logged in to the gateway, through
-// network drops, broker restarts, power cuts, UserSig expiry and kicks, the
-// way the Tencent Chat SDK's login API defines them. Everything else (the
-// local API, MQTT callbacks, timers, the credential helper) sends it
-// messages.
+// Package daemon is chatd's core: it keeps the device's chat identity
+// logged in to the gateway, through network drops, broker restarts, power
+// cuts, clock steps, UserSig expiry and kicks, the way the Tencent Chat
+// SDK's login API defines them.
+//
+// The login core is a pure state machine (machine.go, its table in
+// doc.go); the Daemon here is its runner: one goroutine feeds it events
+// and carries out the effects it returns (dial, send, persist, run the
+// helper, answer callers), and every goroutine it starts reports back
+// through the inbox and ends before Run returns.
 package daemon
 
 import (
-	"chatd/codes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -15,15 +18,19 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"chatd/client"
+	"chatd/codes"
 	"chatd/mqtt"
 	"chatd/storage"
 	"chatd/usersig"
+
+	mrand "math/rand/v2"
 )
 
 // Conn is one connection to the gateway; *mqtt.Conn is the real one.
@@ -32,7 +39,11 @@ type Conn interface {
 	Pushes() <-chan mqtt.Message
 	Lost() <-chan struct{}
 	Err() error
+	// Close ends the connection; with goodbye the gateway is told first.
 	Close(goodbye bool)
+	// Abort cuts the network connection without an MQTT DISCONNECT, so
+	// that the broker publishes the Will.
+	Abort()
 }
 
 // Dialer opens connections; the real one is MQTTDialer.
@@ -64,9 +75,14 @@ type Options struct {
 	// OnStatus is called (from the state goroutine) with a line for systemd's
 	// STATUS= on every change of what the daemon is doing.
 	OnStatus func(line string)
+	// MachineID is /etc/machine-id; default: read from there.
+	MachineID func() string
+	// StateNotPersisted says why the state is kept in memory only (the
+	// state directory failed at start); "" when it is persisted.
+	StateNotPersisted string
 }
 
-// connection phases, beside the login status.
+// connection values of the API's "connection" field.
 const (
 	connIdle         = "idle"
 	connConnecting   = "connecting"
@@ -77,43 +93,36 @@ const (
 // Daemon keeps one chat identity logged in. Create it with New, run it
 // with Run; its methods are safe for concurrent use.
 type Daemon struct {
-	cfg    Config
-	store  storage.Store
-	dialer Dialer
-	log    *slog.Logger
-	clock  Clock
-	synced func() bool
-	sigCmd func(ctx context.Context, userID string) (usersig.Secret, error)
-	onStat func(string)
-	topics mqtt.Topics
+	cfg       Config
+	store     storage.Store
+	dialer    Dialer
+	log       *slog.Logger
+	clock     Clock
+	synced    func() bool
+	sigCmd    func(ctx context.Context, userID string) (usersig.Secret, error)
+	onStat    func(string)
+	rand      func(int64) int64
+	machineID func() string
 
-	inbox chan any      // everything the state goroutine is told
-	done  chan struct{} // closed when Run returns
-	ctx   context.Context
+	inbox    chan Event
+	stopping chan struct{} // closed when Run starts to shut down
+	done     chan struct{} // closed when Run has returned
+	wg       sync.WaitGroup
 
 	// Owned by the state goroutine.
-	st       storage.State
-	sigExp   time.Time // expiry of st.UserSig (decoded; zero when unknown)
-	sigTime  time.Time // when st.UserSig was issued (zero when unknown)
-	goal     bool      // the user wants to be logged in
-	gen      uint64    // bumped whenever the goal changes; stale results are dropped
-	conn     Conn
-	phase    string
-	busy     bool // a dial or request is under way
-	waiters  []chan loginReply
-	bo       *backoff
-	retryAt  time.Time // next connection attempt
-	stableAt time.Time // when the backoff resets, if the connection lasts
-	renewAt  time.Time // when to fetch a new UserSig
-	renewing bool
-	relogin  bool          // after the renewal: log in with the new UserSig instead of resuming
-	closing  chan struct{} // closed when the last session's logout is done
-	offset   time.Duration
-	offKnown bool
-	fetchTry int // usersig_command runs for the current expiry
+	m          *machine
+	conns      map[uint64]Conn
+	helperStop context.CancelFunc
+	waiters    map[uint64]chan loginReply
+	waiterSeq  atomic.Uint64
+	persistErr error
+	persistLog time.Time // when a persistence failure was last logged
+	notPersist string
+	statusLine string
 
-	mu   sync.Mutex
-	snap client.Status
+	mu           sync.Mutex
+	snap         client.Status
+	serverAnchor serverAnchor
 	subs map[chan client.Event]struct{}
 
 	alive   atomic.Int64 // Unix nanoseconds of the last loop turn
@@ -131,13 +140,19 @@ func New(o Options) (*Daemon, error) {
 		return nil, errors.New("daemon: no store")
 	}
 	if o.Logger == nil {
-		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	if o.Clock == nil {
-		o.Clock = realClock{}
+		o.Clock = newRealClock()
 	}
 	if o.ClockSynced == nil {
 		o.ClockSynced = systemClockSynced
+	}
+	if o.Rand == nil {
+		o.Rand = mrand.Int64N
+	}
+	if o.MachineID == nil {
+		o.MachineID = readMachineID
 	}
 	topics, err := mqtt.NewTopics(o.Config.MQTT.TopicPrefix)
 	if err != nil {
@@ -157,70 +172,33 @@ func New(o Options) (*Daemon, error) {
 		}
 	}
 	d := &Daemon{
-		cfg:    cfg,
-		store:  o.Store,
-		dialer: o.Dialer,
-		log:    o.Logger,
-		clock:  o.Clock,
-		synced: o.ClockSynced,
-		sigCmd: o.UserSigCommand,
-		onStat: o.OnStatus,
-		topics: topics,
-		inbox:  make(chan any, 64),
-		done:   make(chan struct{}),
-		phase:  connIdle,
-		subs:   map[chan client.Event]struct{}{},
-	}
-	d.bo = newBackoff(cfg.Reconnect.MinDelay.Duration, cfg.Reconnect.MaxDelay.Duration)
-	if o.Rand != nil {
-		d.bo.rand = o.Rand
+		cfg:        cfg,
+		store:      o.Store,
+		dialer:     o.Dialer,
+		log:        o.Logger,
+		clock:      o.Clock,
+		synced:     o.ClockSynced,
+		sigCmd:     o.UserSigCommand,
+		onStat:     o.OnStatus,
+		rand:       o.Rand,
+		machineID:  o.MachineID,
+		notPersist: o.StateNotPersisted,
+		inbox:      make(chan Event, 64),
+		stopping:   make(chan struct{}),
+		done:       make(chan struct{}),
+		conns:      map[uint64]Conn{},
+		waiters:    map[uint64]chan loginReply{},
+		subs:       map[chan client.Event]struct{}{},
 	}
 	d.metrics = newMetrics(d)
 	return d, nil
 }
 
-// Messages to the state goroutine.
-type (
-	cmdLogin struct {
-		user  string
-		sig   usersig.Secret
-		reply chan loginReply
-	}
-	cmdLogout struct{ reply chan loginReply }
-	// dialed: a connection attempt ended.
-	dialed struct {
-		gen  uint64
-		conn Conn
-		err  error
-	}
-	// answered: the gateway answered a login or resume (or did not).
-	answered struct {
-		gen   uint64
-		conn  Conn
-		req   mqtt.Message
-		reply mqtt.Message
-		err   error
-	}
-	connLost struct {
-		conn Conn
-		err  error
-	}
-	pushed struct {
-		conn Conn
-		msg  mqtt.Message
-	}
-	fetched struct {
-		gen uint64
-		sig usersig.Secret
-		err error
-	}
-)
-
-// send hands a message to the state goroutine, unless it has stopped.
-func (d *Daemon) send(m any) {
+// send hands an event to the state goroutine, unless it is stopping.
+func (d *Daemon) send(e Event) {
 	select {
-	case d.inbox <- m:
-	case <-d.done:
+	case d.inbox <- e:
+	case <-d.stopping:
 	}
 }
 
@@ -231,744 +209,85 @@ func (d *Daemon) Alive() time.Time { return time.Unix(0, d.alive.Load()) }
 // Heartbeat bounds how long the state loop sleeps, so Alive stays fresh.
 const Heartbeat = 5 * time.Second
 
+func (d *Daemon) instant() Instant {
+	return Instant{Wall: d.clock.Now(), Mono: d.clock.Mono(), Synced: d.synced()}
+}
+
 // Run loads the state and keeps the identity logged in until ctx ends.
+// It returns only after every goroutine it started has ended.
 func (d *Daemon) Run(ctx context.Context) error {
 	defer close(d.done)
-	d.ctx = ctx
-	if err := d.restore(); err != nil {
-		return err
+	st, err := d.store.Load()
+	found := err == nil
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		close(d.stopping)
+		return fmt.Errorf("loading state: %w", err)
 	}
-	var timer Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
+	initial := usersig.Secret{}
+	if d.cfg.UserSigFile != "" {
+		s, err := readUserSigFile(d.cfg.UserSigFile)
+		if err != nil {
+			if found && st.UserID == d.cfg.UserID && !st.UserSig.IsZero() {
+				d.log.Warn("cannot read usersig_file; using the UserSig kept in the state database", "err", err)
+			} else {
+				d.log.Warn("cannot read the initial UserSig", "err", err)
+			}
+		} else {
+			initial = s
 		}
-		d.shutdown()
-	}()
+	}
+	b := make([]byte, 8)
+	rand.Read(b)
+	mcfg := machineConfigFrom(d.cfg, d.sigCmd != nil, d.rand)
+	m, effects := newMachine(mcfg, st, found, initial, d.machineID(), "chatd-"+hex.EncodeToString(b), d.instant())
+	d.m = m
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	d.exec(runCtx, effects)
+
+	var timer Timer
 	for {
-		d.alive.Store(d.clock.Now().UnixNano())
-		d.step()
+		now := d.instant()
+		d.alive.Store(now.Wall.UnixNano())
 		d.publish()
 		wait := Heartbeat
-		if at := d.nextWake(); !at.IsZero() {
-			wait = min(wait, max(at.Sub(d.clock.Now()), 0))
+		if at := d.m.nextWake(); at > 0 {
+			wait = min(wait, max(at-now.Mono, 0))
 		}
 		if timer != nil {
 			timer.Stop()
 		}
 		timer = d.clock.NewTimer(wait)
+		var ev Event
 		select {
 		case <-ctx.Done():
+			timer.Stop()
+			d.shutdown(runCtx, cancel)
 			return nil
 		case <-timer.C():
-		case m := <-d.inbox:
-			d.handle(m)
+			ev = EvTick{}
+		case ev = <-d.inbox:
 		}
+		d.exec(runCtx, d.m.handle(d.instant(), d.unwrap(ev)))
 	}
 }
 
-// restore loads the persisted state and decides the goal.
-func (d *Daemon) restore() error {
-	st, err := d.store.Load()
-	switch {
-	case errors.Is(err, storage.ErrNotFound):
-		st = storage.State{Status: int(client.Logout)}
-	case err != nil:
-		return fmt.Errorf("loading state: %w", err)
+// shutdown leaves the session resumable (a goodbye, no logout), ends every
+// goroutine and closes the event streams.
+func (d *Daemon) shutdown(ctx context.Context, cancel context.CancelFunc) {
+	d.exec(ctx, d.m.handle(d.instant(), EvStop{}))
+	close(d.stopping)
+	cancel()
+	d.wg.Wait()
+	for id, c := range d.conns {
+		c.Close(false)
+		delete(d.conns, id)
 	}
-	if st.InstanceID == "" {
-		b := make([]byte, 8)
-		rand.Read(b)
-		st.InstanceID = "chatd-" + hex.EncodeToString(b)
+	for w, ch := range d.waiters {
+		ch <- loginReply{codes.Interrupted, "chatd is shutting down"}
+		delete(d.waiters, w)
 	}
-	if st.Since.IsZero() {
-		st.Since = d.clock.Now()
-	}
-	d.st = st
-	d.offset = st.ServerTimeOffset
-	d.noteSig()
-	switch client.LoginStatus(st.Status) {
-	case client.Logined, client.Logining:
-		if st.UserID == d.cfg.UserID || d.cfg.UserID == "" {
-			// Back after a restart or a power cut: resume.
-			d.log.Info("resuming the persisted login", "user", st.UserID, "session", st.Session)
-			d.goal = true
-			d.gen++
-			d.retryAt = d.clock.Now()
-			d.phase = connConnecting
-			d.setStatus(client.Logining, "restarting")
-			break
-		}
-		d.log.Info("the configured user_id changed; switching accounts", "from", st.UserID, "to", d.cfg.UserID)
-		d.autoLogin()
-	default:
-		if st.UserID == "" && d.cfg.UserID != "" {
-			// First start: log in as the configured identity.
-			d.autoLogin()
-		} else if st.UserID != "" && d.cfg.UserID != "" && st.UserID != d.cfg.UserID {
-			d.autoLogin()
-		} else {
-			d.log.Info("logged out; waiting for a login", "last_error", st.LastError.Message)
-		}
-	}
-	d.save()
-	return nil
-}
-
-// autoLogin logs in as the configured user with the configured credential.
-func (d *Daemon) autoLogin() {
-	sig := usersig.Secret{}
-	if d.cfg.UserSigFile != "" {
-		s, err := readUserSigFile(d.cfg.UserSigFile)
-		if err != nil {
-			d.log.Warn("cannot read the initial UserSig", "err", err)
-		} else {
-			sig = s
-		}
-	}
-	if sig.IsZero() && d.sigCmd == nil {
-		d.st.UserID = ""
-		d.st.UserSig = usersig.Secret{}
-		d.st.Session = ""
-		d.setError(codes.NotInitialized, "no UserSig: set usersig_file or usersig_command, or log in with chatctl login")
-		d.setStatus(client.Logout, "no credential")
-		return
-	}
-	d.startLogin(d.cfg.UserID, sig)
-}
-
-// startLogin sets the goal to be logged in as user with sig (an empty sig
-// is fetched with usersig_command first).
-func (d *Daemon) startLogin(user string, sig usersig.Secret) {
-	d.gen++
-	d.goal = true
-	if d.st.UserID != user {
-		d.st.KickCount = 0
-	}
-	d.st.UserID = user
-	d.st.UserSig = sig
-	d.st.Session = ""
-	d.relogin = false
-	d.fetchTry = 0
-	d.noteSig()
-	d.bo.reset()
-	d.retryAt = d.clock.Now()
-	d.phase = connConnecting
-	d.setError(0, "")
-	d.setStatus(client.Logining, "logging in as "+user)
-	d.save()
-}
-
-// noteSig decodes the current UserSig's issue and expiry times.
-func (d *Daemon) noteSig() {
-	d.sigExp = time.Time{}
-	d.sigTime = time.Time{}
-	d.renewAt = time.Time{}
-	if d.st.UserSig.IsZero() {
-		return
-	}
-	t, err := usersig.Decode(d.st.UserSig.Reveal())
-	if err != nil {
-		return
-	}
-	d.sigExp = t.ExpiresAt()
-	d.sigTime = time.Unix(t.Time, 0)
-	d.st.UserSigExpiresAt = d.sigExp
-	d.scheduleRenewal()
-}
-
-// scheduleRenewal sets when to fetch the next UserSig: renew_margin before
-// the expiry (server clock), but never before half the UserSig's life has
-// passed, so that a helper handing out short-lived UserSigs does not make a
-// renewal loop. A margin of 0 turns proactive renewal off.
-func (d *Daemon) scheduleRenewal() {
-	d.renewAt = time.Time{}
-	issued := d.sigTime
-	margin := d.cfg.UserSig.RenewMargin.Duration
-	if d.sigCmd == nil || margin <= 0 || d.sigExp.IsZero() {
-		return
-	}
-	at := d.sigExp.Add(-margin)
-	if half := issued.Add(d.sigExp.Sub(issued) / 2); !issued.IsZero() && at.Before(half) {
-		at = half
-	}
-	d.renewAt = at
-}
-
-// serverNow is the gateway's clock as far as the daemon knows it.
-func (d *Daemon) serverNow() time.Time { return d.clock.Now().Add(d.offset) }
-
-// clockTrusted: the daemon heard the gateway's clock in this run, or the
-// system clock is synchronised. Without either, no expiry decision is made
-// locally: a board without RTC boots in the past (or at the last saved
-// time) and would think its UserSig expired or not yet valid.
-func (d *Daemon) clockTrusted() bool { return d.offKnown || d.synced() }
-
-// localTime converts a server-clock time to the local clock.
-func (d *Daemon) localTime(server time.Time) time.Time { return server.Add(-d.offset) }
-
-func (d *Daemon) nextWake() time.Time {
-	var at time.Time
-	consider := func(t time.Time) {
-		if !t.IsZero() && (at.IsZero() || t.Before(at)) {
-			at = t
-		}
-	}
-	if d.goal && d.conn == nil && !d.busy {
-		consider(d.retryAt)
-	}
-	if d.conn != nil {
-		consider(d.stableAt)
-	}
-	if d.goal && !d.renewing && !d.renewAt.IsZero() && d.clockTrusted() {
-		consider(d.localTime(d.renewAt))
-	}
-	if !d.goal && d.cfg.Kick.After == "relogin" && client.LoginStatus(d.st.Status) == client.Logout && d.st.LastError.Code == codes.KickedOffline {
-		consider(d.retryAt)
-	}
-	return at
-}
-
-// step starts whatever is due. It never blocks: network work runs in
-// goroutines that report back through the inbox.
-func (d *Daemon) step() {
-	now := d.clock.Now()
-	if d.conn != nil && !d.stableAt.IsZero() && !now.Before(d.stableAt) {
-		d.bo.reset()
-		d.stableAt = time.Time{}
-	}
-	// After a kick, with kick.after = "relogin": log in again when due.
-	if !d.goal && d.cfg.Kick.After == "relogin" && client.LoginStatus(d.st.Status) == client.Logout &&
-		d.st.LastError.Code == codes.KickedOffline && d.st.UserID != "" && !d.retryAt.IsZero() && !now.Before(d.retryAt) {
-		d.log.Info("logging in again after the kick", "kicks", d.st.KickCount)
-		kicks := d.st.KickCount
-		d.startLogin(d.st.UserID, d.st.UserSig)
-		d.st.KickCount = kicks
-	}
-	if !d.goal || d.busy {
-		return
-	}
-	// Renew the UserSig before it expires.
-	if !d.renewing && !d.renewAt.IsZero() && d.clockTrusted() && !now.Before(d.localTime(d.renewAt)) {
-		d.fetchUserSig("renewal: the UserSig expires at " + d.sigExp.UTC().Format(time.RFC3339))
-		return
-	}
-	if d.renewing {
-		return
-	}
-	if d.st.UserSig.IsZero() {
-		d.fetchUserSig("no UserSig yet")
-		return
-	}
-	if d.conn == nil {
-		if now.Before(d.retryAt) {
-			return
-		}
-		// 6206: expired by a trusted clock; don't even try.
-		if d.clockTrusted() && !d.sigExp.IsZero() && d.serverNow().After(d.sigExp) {
-			d.expired(codes.UserSigExpiredLocal, "the UserSig expired at "+d.sigExp.UTC().Format(time.RFC3339))
-			return
-		}
-		d.dial()
-		return
-	}
-}
-
-func (d *Daemon) dial() {
-	d.busy = true
-	gen := d.gen
-	if d.phase != connReconnecting {
-		d.phase = connConnecting
-	}
-	d.emit(client.Event{Type: client.EventConnecting})
-	d.status("connecting to " + d.cfg.Broker[0])
-	p := DialParams{UserID: d.st.UserID, Instance: d.st.InstanceID, UserSig: d.st.UserSig}
-	session := d.st.Session
-	if d.relogin {
-		session = ""
-	}
-	req := mqtt.Message{Type: mqtt.TypeLogin, UserID: p.UserID, UserSig: p.UserSig.Reveal(), Platform: d.cfg.Platform}
-	if session != "" {
-		req = mqtt.Message{Type: mqtt.TypeResume, UserID: p.UserID, Session: session}
-	}
-	ctx, closing := d.ctx, d.closing
-	go func() {
-		if closing != nil {
-			// Account switch: the old identity logs out first.
-			select {
-			case <-closing:
-			case <-ctx.Done():
-			}
-		}
-		cctx, cancel := context.WithTimeout(ctx, d.cfg.MQTT.ConnectTimeout.Duration+time.Second)
-		conn, err := d.dialer.Dial(cctx, p)
-		cancel()
-		d.send(dialed{gen: gen, conn: conn, err: err})
-		if err != nil {
-			return
-		}
-		d.request(gen, conn, req)
-	}()
-}
-
-// request sends a login or resume on conn and reports the answer.
-func (d *Daemon) request(gen uint64, conn Conn, req mqtt.Message) {
-	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.MQTT.RequestTimeout.Duration)
-	defer cancel()
-	reply, err := conn.Request(ctx, req)
-	d.send(answered{gen: gen, conn: conn, req: req, reply: reply, err: err})
-}
-
-// watch forwards a connection's pushes and its loss to the state goroutine.
-func (d *Daemon) watch(conn Conn) {
-	for {
-		select {
-		case m := <-conn.Pushes():
-			d.send(pushed{conn: conn, msg: m})
-		case <-conn.Lost():
-			d.send(connLost{conn: conn, err: conn.Err()})
-			return
-		case <-d.done:
-			return
-		}
-	}
-}
-
-func (d *Daemon) handle(m any) {
-	switch m := m.(type) {
-	case cmdLogin:
-		d.onLogin(m)
-	case cmdLogout:
-		d.onLogout(m)
-	case dialed:
-		d.onDialed(m)
-	case answered:
-		d.onAnswered(m)
-	case connLost:
-		d.onConnLost(m)
-	case pushed:
-		d.onPush(m)
-	case fetched:
-		d.onFetched(m)
-	}
-}
-
-func (d *Daemon) onLogin(c cmdLogin) {
-	if err := mqtt.ValidateUserID(c.user); err != nil {
-		c.reply <- loginReply{codes.InvalidUserID, err.Error()}
-		return
-	}
-	if c.sig.IsZero() && d.sigCmd == nil {
-		c.reply <- loginReply{codes.InvalidParams, "user_sig is empty (and no usersig_command is configured to fetch one)"}
-		return
-	}
-	status := client.LoginStatus(d.st.Status)
-	if d.goal && c.user == d.st.UserID {
-		// A login while one runs joins it; while logged in, it is done.
-		if !c.sig.IsZero() && !c.sig.Equal(d.st.UserSig) {
-			d.adoptSig(c.sig)
-		}
-		if status == client.Logined {
-			c.reply <- loginReply{0, "already logged in as " + c.user}
-			return
-		}
-		d.waiters = append(d.waiters, c.reply)
-		return
-	}
-	if d.goal || d.conn != nil {
-		// Account switch: only one identity at a time.
-		d.log.Info("account switch: logging out first", "from", d.st.UserID, "to", c.user)
-		d.endSession("switching to "+c.user, true)
-	}
-	d.startLogin(c.user, c.sig)
-	d.waiters = append(d.waiters, c.reply)
-}
-
-// adoptSig takes a newer UserSig for the current user: it is used from the
-// next login on (a renewal, or the next reconnect).
-func (d *Daemon) adoptSig(sig usersig.Secret) {
-	t, err := usersig.Decode(sig.Reveal())
-	if err != nil || t.Identifier != d.st.UserID {
-		return
-	}
-	if !d.sigExp.IsZero() && !t.ExpiresAt().After(d.sigExp) {
-		return
-	}
-	d.st.UserSig = sig
-	d.noteSig()
-	if d.st.Session != "" {
-		d.relogin = true
-		if d.conn != nil && !d.busy {
-			d.loginOn(d.conn)
-		}
-	}
-	d.save()
-}
-
-func (d *Daemon) onLogout(c cmdLogout) {
-	if !d.goal && d.conn == nil {
-		// Logging out when logged out is not an error.
-		c.reply <- loginReply{0, "not logged in"}
-		return
-	}
-	d.endSession("logout", true)
-	d.st.UserID = ""
-	d.st.UserSig = usersig.Secret{}
-	d.noteSig()
-	d.setError(0, "")
-	d.setStatus(client.Logout, "logged out")
-	d.save()
 	d.publish()
-	c.reply <- loginReply{0, ""}
-}
-
-// endSession drops the goal and the connection; with logout, the gateway is
-// told (best effort, in the background).
-func (d *Daemon) endSession(why string, logout bool) {
-	d.gen++
-	d.goal = false
-	d.busy = false
-	d.renewing = false
-	d.relogin = false
-	d.failWaiters(codes.NotLoggedIn, "login cancelled: "+why)
-	session, user := d.st.Session, d.st.UserID
-	d.st.Session = ""
-	if conn := d.conn; conn != nil {
-		d.conn = nil
-		closed := make(chan struct{})
-		d.closing = closed
-		go func() {
-			defer close(closed)
-			if logout && session != "" {
-				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-				conn.Request(ctx, mqtt.Message{Type: mqtt.TypeLogout, UserID: user, Session: session})
-				cancel()
-			}
-			conn.Close(true)
-		}()
-	}
-	d.phase = connIdle
-	d.stableAt = time.Time{}
-}
-
-// failWaiters answers every waiting Login (with code 0 too: the name says
-// what it usually does). The snapshot is refreshed first, so a caller that
-// reads the status after its answer sees the state that answered it.
-func (d *Daemon) failWaiters(code int, desc string) {
-	if len(d.waiters) > 0 {
-		d.publish()
-	}
-	for _, w := range d.waiters {
-		w <- loginReply{code, desc}
-	}
-	d.waiters = nil
-}
-
-func (d *Daemon) onDialed(m dialed) {
-	if m.gen != d.gen {
-		if m.conn != nil {
-			go m.conn.Close(false)
-		}
-		return
-	}
-	if m.err != nil {
-		d.busy = false
-		d.connectFailed(m.err)
-		return
-	}
-	d.conn = m.conn
-	d.stableAt = d.clock.Now().Add(d.cfg.Reconnect.StableAfter.Duration)
-	go d.watch(m.conn)
-}
-
-// connectFailed schedules the next attempt with jittered backoff.
-func (d *Daemon) connectFailed(err error) {
-	code, desc := classifyConnErr(err)
-	d.emit(client.Event{Type: client.EventConnectFailed, Code: code, Desc: desc})
-	if code == codes.InvalidParams {
-		// The broker refused our credentials: retrying changes nothing.
-		d.stop(code, desc)
-		return
-	}
-	delay := d.bo.next()
-	d.retryAt = d.clock.Now().Add(delay)
-	d.phase = connReconnecting
-	d.setError(code, desc)
-	d.status(fmt.Sprintf("reconnecting in %s: %s", delay.Round(100*time.Millisecond), desc))
-	d.log.Info("connection failed; retrying", "in", delay.Round(time.Millisecond), "err", desc)
-}
-
-// stop gives up the goal after a permanent failure.
-func (d *Daemon) stop(code int, desc string) {
-	d.log.Warn("login stopped: the failure is permanent", "code", code, "desc", desc)
-	d.failWaiters(code, desc)
-	user := d.st.UserID
-	d.endSession(desc, false)
-	d.st.UserID = user // kept for a deliberate retry; getLoginUser is empty anyway
-	d.setError(code, desc)
-	d.setStatus(client.Logout, fmt.Sprintf("stopped: %d %s", code, desc))
-	d.save()
-}
-
-func (d *Daemon) onAnswered(m answered) {
-	if m.gen != d.gen || m.conn != d.conn {
-		// The goal changed meanwhile: a late success must not linger.
-		if m.err == nil && m.reply.Code == 0 && m.reply.Session != "" {
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-				m.conn.Request(ctx, mqtt.Message{Type: mqtt.TypeLogout, Session: m.reply.Session})
-				cancel()
-				m.conn.Close(true)
-			}()
-		}
-		return
-	}
-	d.busy = false
-	if m.err != nil {
-		// No answer in time: the gateway may be down; start over.
-		d.log.Info("no answer from the gateway", "request", m.req.Type, "err", m.err)
-		d.conn = nil
-		go m.conn.Close(false)
-		d.connectFailed(fmt.Errorf("no answer to %s: %w", m.req.Type, m.err))
-		return
-	}
-	r := m.reply
-	if r.ServerTimeMs != 0 {
-		d.offset = time.UnixMilli(r.ServerTimeMs).Sub(d.clock.Now())
-		d.offKnown = true
-		d.st.ServerTimeOffset = d.offset
-	}
-	switch m.req.Type {
-	case mqtt.TypeResume:
-		d.metrics.resume(r.Code)
-		switch {
-		case r.Code == 0:
-			d.online(r, "resumed session "+r.Session)
-		case r.Code == codes.KickedOffline:
-			d.kicked(r.Code, r.Desc)
-		case codes.NeedsNewUserSig(r.Code):
-			d.expired(r.Code, r.Desc)
-		default:
-			// The session is gone (6014): log in again with the UserSig.
-			d.log.Info("session cannot be resumed; logging in", "code", r.Code, "desc", r.Desc)
-			d.st.Session = ""
-			d.setStatus(client.Logining, "session ended; logging in again")
-			d.loginOn(d.conn)
-		}
-	case mqtt.TypeLogin:
-		d.metrics.login(r.Code)
-		switch {
-		case r.Code == 0:
-			d.relogin = false
-			d.fetchTry = 0
-			d.online(r, "logged in as "+d.st.UserID)
-		case r.Code == codes.KickedOffline:
-			d.kicked(r.Code, r.Desc)
-		case codes.NeedsNewUserSig(r.Code):
-			d.expired(r.Code, r.Desc)
-		case codes.Retryable(r.Code):
-			d.conn = nil
-			go m.conn.Close(true)
-			d.connectFailed(&gatewayError{r.Code, r.Desc})
-		default:
-			d.stop(r.Code, r.Desc)
-		}
-	}
-}
-
-type gatewayError struct {
-	code int
-	desc string
-}
-
-func (e *gatewayError) Error() string { return fmt.Sprintf("%d %s", e.code, e.desc) }
-
-// loginOn sends a login on an open connection.
-func (d *Daemon) loginOn(conn Conn) {
-	d.busy = true
-	gen := d.gen
-	req := mqtt.Message{Type: mqtt.TypeLogin, UserID: d.st.UserID, UserSig: d.st.UserSig.Reveal(), Platform: d.cfg.Platform}
-	go d.request(gen, conn, req)
-}
-
-// online: a login or resume succeeded.
-func (d *Daemon) online(r mqtt.Message, why string) {
-	if r.Session != "" {
-		d.st.Session = r.Session
-	}
-	if r.UserSigExpiresAt != 0 {
-		exp := time.Unix(r.UserSigExpiresAt, 0)
-		if !exp.Equal(d.sigExp) {
-			d.sigExp = exp
-			d.st.UserSigExpiresAt = exp
-			d.scheduleRenewal()
-		}
-	}
-	if d.phase != connConnected {
-		// Not on a renewal over a connection that was up all along.
-		d.emit(client.Event{Type: client.EventConnectSuccess})
-	}
-	d.phase = connConnected
-	d.setError(0, "")
-	d.setStatus(client.Logined, "LOGINED as "+d.st.UserID)
-	d.status("LOGINED as " + d.st.UserID)
-	d.failWaiters(0, "")
-	d.save()
-}
-
-// kicked: the session was kicked (live, or while the device was away).
-func (d *Daemon) kicked(code int, desc string) {
-	d.log.Warn("kicked offline", "user", d.st.UserID, "desc", desc)
-	d.metrics.kicks.Inc()
-	now := d.clock.Now()
-	if client.LoginStatus(d.st.Status) == client.Logined && now.Sub(d.st.Since) > d.cfg.Kick.MaxDelay.Duration {
-		d.st.KickCount = 0 // the last login lasted: not a kick loop
-	}
-	d.st.KickCount++
-	d.failWaiters(code, desc)
-	user, sig := d.st.UserID, d.st.UserSig
-	d.endSession("kicked", false)
-	d.st.UserID, d.st.UserSig = user, sig
-	d.setError(code, desc)
-	d.emit(client.Event{Type: client.EventKickedOffline, Code: code, Desc: desc})
-	d.setStatus(client.Logout, "kicked offline at "+now.UTC().Format(time.RFC3339))
-	if d.cfg.Kick.After == "relogin" {
-		delay := d.cfg.Kick.Delay.Duration
-		for i := 1; i < d.st.KickCount && delay < d.cfg.Kick.MaxDelay.Duration; i++ {
-			delay *= 2
-		}
-		delay = min(delay, d.cfg.Kick.MaxDelay.Duration)
-		d.retryAt = now.Add(delay)
-		d.status(fmt.Sprintf("kicked offline at %s; logging in again in %s", now.UTC().Format(time.RFC3339), delay))
-	}
-	d.save()
-}
-
-// expired: the UserSig is no longer usable (6206, 70001, 70052).
-func (d *Daemon) expired(code int, desc string) {
-	d.log.Warn("UserSig expired or invalidated", "code", code, "desc", desc)
-	d.emit(client.Event{Type: client.EventUserSigExpired, Code: code, Desc: desc})
-	d.setError(code, desc)
-	if d.sigCmd == nil || d.fetchTry >= 2 {
-		if d.sigCmd != nil {
-			desc += " (usersig_command gave no usable UserSig)"
-		}
-		d.stop(code, desc+"; log in with a new UserSig")
-		return
-	}
-	d.st.Session = ""
-	d.relogin = true
-	d.setStatus(client.Logining, "getting a new UserSig")
-	d.fetchUserSig(desc)
-}
-
-// fetchUserSig runs usersig_command in the background.
-func (d *Daemon) fetchUserSig(why string) {
-	if d.sigCmd == nil {
-		d.stop(codes.NotInitialized, "no UserSig and no usersig_command to get one")
-		return
-	}
-	d.renewing = true
-	d.fetchTry++
-	gen, user, ctx := d.gen, d.st.UserID, d.ctx
-	d.log.Info("running usersig_command", "why", why)
-	d.status("getting a new UserSig: " + why)
-	go func() {
-		sig, err := d.sigCmd(ctx, user)
-		d.send(fetched{gen: gen, sig: sig, err: err})
-	}()
-}
-
-func (d *Daemon) onFetched(m fetched) {
-	if m.gen != d.gen {
-		return
-	}
-	d.renewing = false
-	if m.err == nil {
-		if t, err := usersig.Decode(m.sig.Reveal()); err != nil {
-			m.err = fmt.Errorf("usersig_command printed something that is not a UserSig: %v", err)
-		} else if t.Identifier != d.st.UserID {
-			m.err = fmt.Errorf("usersig_command printed a UserSig for %q, not %q", t.Identifier, d.st.UserID)
-		} else if d.clockTrusted() && !t.ExpiresAt().After(d.serverNow()) {
-			m.err = fmt.Errorf("usersig_command printed a UserSig that expired at %s", t.ExpiresAt().UTC().Format(time.RFC3339))
-		}
-	}
-	if m.err != nil {
-		d.metrics.renewal(false)
-		d.log.Warn("getting a new UserSig failed", "err", m.err)
-		d.setError(codes.UserSigExpiredLocal, m.err.Error())
-		if d.st.UserSig.IsZero() || d.sigExp.IsZero() || (d.clockTrusted() && d.serverNow().After(d.sigExp)) || d.fetchTry >= 5 {
-			if client.LoginStatus(d.st.Status) != client.Logined || d.fetchTry >= 5 {
-				d.stop(codes.UserSigExpiredLocal, m.err.Error())
-				return
-			}
-		}
-		// Still valid for a while: try again later.
-		d.renewAt = d.serverNow().Add(d.bo.next() + d.cfg.Reconnect.MinDelay.Duration)
-		return
-	}
-	d.metrics.renewal(true)
-	d.log.Info("got a new UserSig", "expires", "later")
-	d.st.UserSig = m.sig
-	d.noteSig()
-	d.fetchTry = 0
-	if d.st.Session != "" || client.LoginStatus(d.st.Status) == client.Logined {
-		// Renew the session: a re-login of this instance kicks nobody.
-		d.relogin = true
-	}
-	if d.conn != nil && !d.busy {
-		d.loginOn(d.conn)
-	}
-	d.save()
-}
-
-func (d *Daemon) onConnLost(m connLost) {
-	if m.conn != d.conn {
-		return
-	}
-	d.conn = nil
-	d.busy = false
-	d.stableAt = time.Time{}
-	d.metrics.reconnects.Inc()
-	if !d.goal {
-		d.phase = connIdle
-		return
-	}
-	d.log.Warn("lost the connection to the broker", "err", m.err)
-	d.phase = connReconnecting
-	d.connectFailed(fmt.Errorf("connection lost: %v", m.err))
-}
-
-func (d *Daemon) onPush(m pushed) {
-	if m.conn != d.conn {
-		return
-	}
-	msg := m.msg
-	if msg.Session == "" || msg.Session != d.st.Session {
-		// A stale or replayed push names another session: harmless.
-		d.log.Debug("ignored a push for another session", "type", msg.Type, "session", msg.Session)
-		return
-	}
-	switch msg.Type {
-	case mqtt.TypeKick:
-		d.kicked(codes.KickedOffline, msg.Desc)
-	case mqtt.TypeUserSigExpire:
-		if msg.ServerTimeMs != 0 {
-			d.offset = time.UnixMilli(msg.ServerTimeMs).Sub(d.clock.Now())
-			d.offKnown = true
-		}
-		d.expired(codes.UserSigExpired, msg.Desc)
-	}
-}
-
-// shutdown leaves the session resumable: no logout, just a goodbye.
-func (d *Daemon) shutdown() {
-	if d.conn != nil {
-		d.conn.Close(true)
-		d.conn = nil
-	}
-	d.failWaiters(codes.Interrupted, "chatd is shutting down")
-	d.save()
 	d.mu.Lock()
 	for ch := range d.subs {
 		close(ch)
@@ -977,16 +296,242 @@ func (d *Daemon) shutdown() {
 	d.mu.Unlock()
 }
 
-// classifyConnErr maps a connection error to a code: refused credentials
-// are permanent (6017), everything else is temporary.
-func classifyConnErr(err error) (int, string) {
-	var ge *gatewayError
-	if errors.As(err, &ge) {
-		return ge.code, ge.desc
-	}
-	msg := err.Error()
-	if lower := strings.ToLower(msg); strings.Contains(lower, "not authori") || strings.Contains(lower, "bad user name or password") {
-		return codes.InvalidParams, "the broker refused the credentials (" + msg + "): check [mqtt] username and password_file, or the UserSig on the gateway's embedded broker"
-	}
-	return codes.ServerTimeout, msg
+// go starts a tracked goroutine.
+func (d *Daemon) goTracked(f func()) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		f()
+	}()
 }
+
+// exec carries out effects in order. Persist comes first in a batch, so
+// that what follows is durable; the snapshot is refreshed before callers
+// are answered, so that a caller reading the status after its answer sees
+// the state that answered it.
+func (d *Daemon) exec(ctx context.Context, effects []Effect) {
+	persistNote := ""
+	published := false
+	for _, e := range effects {
+		switch e := e.(type) {
+		case Persist:
+			persistNote = d.persist(e.State)
+		case Dial:
+			d.dial(ctx, e)
+		case Send:
+			if c := d.conns[e.Conn]; c != nil {
+				d.request(ctx, e.Conn, c, e.Msg)
+			} else {
+				d.goTracked(func() { d.send(EvAnswered{Conn: e.Conn, Req: e.Msg, Err: mqtt.ErrConnLost}) })
+			}
+		case CloseConn:
+			if c := d.conns[e.Conn]; c != nil {
+				delete(d.conns, e.Conn)
+				d.goTracked(func() {
+					if e.Abort {
+						c.Abort()
+					} else {
+						c.Close(e.Goodbye)
+					}
+				})
+			}
+		case RunHelper:
+			d.runHelper(ctx, e)
+		case CancelHelper:
+			if d.helperStop != nil {
+				d.helperStop()
+				d.helperStop = nil
+			}
+		case Emit:
+			d.emit(e.Event)
+		case Answer:
+			if !published {
+				d.publish()
+				published = true
+			}
+			if ch := d.waiters[e.Waiter]; ch != nil {
+				delete(d.waiters, e.Waiter)
+				desc := e.Desc
+				if persistNote != "" {
+					desc += " (" + persistNote + ")"
+				}
+				ch <- loginReply{e.Code, desc}
+			}
+		case SetStatus:
+			if e.Line != d.statusLine {
+				d.statusLine = e.Line
+				if d.onStat != nil {
+					d.onStat(e.Line)
+				}
+			}
+		case Log:
+			d.log.Log(ctx, e.Level, e.Msg, e.Args...)
+		case Count:
+			d.metrics.count(e.Name, e.Code)
+		}
+	}
+}
+
+// persist commits st. A failure is surfaced (status, metrics, a log line
+// every few minutes) and the state lives on in memory; the next change
+// tries again.
+func (d *Daemon) persist(st storage.State) string {
+	wrote, err := d.store.Save(st)
+	if err != nil {
+		now := d.clock.Now()
+		if d.persistErr == nil || now.Sub(d.persistLog) >= 5*time.Minute || now.Before(d.persistLog) {
+			d.log.Error("saving state failed; running on in memory, the state will not survive a restart", "err", err)
+			d.persistLog = now
+		}
+		d.persistErr = err
+		d.m.persistErr = err.Error()
+		d.metrics.persistFailures.Inc()
+		return "not persisted: " + err.Error()
+	}
+	if d.persistErr != nil {
+		d.log.Info("saving state works again")
+		d.persistErr = nil
+		d.m.persistErr = ""
+	}
+	if wrote {
+		d.metrics.writes.Inc()
+	}
+	return ""
+}
+
+func (d *Daemon) dial(ctx context.Context, e Dial) {
+	p := DialParams{UserID: e.UserID, Instance: e.Instance, UserSig: e.Sig}
+	timeout := d.cfg.MQTT.ConnectTimeout.Duration + time.Second
+	d.goTracked(func() {
+		cctx, cancel := context.WithTimeout(ctx, timeout)
+		conn, err := d.dialer.Dial(cctx, p)
+		cancel()
+		if err == nil && ctx.Err() != nil {
+			conn.Close(false)
+			return
+		}
+		if err == nil {
+			d.goTracked(func() { d.watch(e.Conn, conn) })
+		}
+		d.send(dialedConn{EvDialed{Conn: e.Conn, Err: err}, conn})
+	})
+}
+
+// dialedConn carries the connection with EvDialed; the runner keeps it,
+// the machine sees only its id.
+type dialedConn struct {
+	EvDialed
+	conn Conn
+}
+
+// request sends m on conn and reports the answer.
+func (d *Daemon) request(ctx context.Context, id uint64, conn Conn, m mqtt.Message) {
+	timeout := d.cfg.MQTT.RequestTimeout.Duration
+	d.goTracked(func() {
+		rctx, cancel := context.WithTimeout(ctx, timeout)
+		reply, err := conn.Request(rctx, m)
+		cancel()
+		d.send(EvAnswered{Conn: id, Req: m, Reply: reply, Err: err})
+	})
+}
+
+// watch forwards a connection's pushes, in order, and its loss.
+func (d *Daemon) watch(id uint64, conn Conn) {
+	for {
+		select {
+		case m := <-conn.Pushes():
+			d.send(EvPush{Conn: id, Msg: m})
+		case <-conn.Lost():
+			// Pushes that arrived before the loss go first.
+			for {
+				select {
+				case m := <-conn.Pushes():
+					d.send(EvPush{Conn: id, Msg: m})
+					continue
+				default:
+				}
+				break
+			}
+			d.send(EvConnLost{Conn: id, Err: conn.Err()})
+			return
+		case <-d.stopping:
+			return
+		}
+	}
+}
+
+func (d *Daemon) runHelper(ctx context.Context, e RunHelper) {
+	if d.sigCmd == nil {
+		d.goTracked(func() { d.send(EvHelper{Gen: e.Gen, Err: errors.New("no usersig_command configured")}) })
+		return
+	}
+	if d.helperStop != nil {
+		d.helperStop()
+	}
+	hctx, cancel := context.WithCancel(ctx)
+	d.helperStop = cancel
+	d.goTracked(func() {
+		defer cancel()
+		sig, err := d.sigCmd(hctx, e.UserID)
+		if hctx.Err() != nil && ctx.Err() == nil {
+			return // cancelled: the goal changed
+		}
+		d.send(EvHelper{Gen: e.Gen, Sig: sig, Err: err})
+	})
+}
+
+// handleRunnerEvent unwraps what only the runner needs (the connection of
+// a dial) before the machine sees the event.
+func (d *Daemon) unwrap(ev Event) Event {
+	if we, ok := ev.(waiterEvent); ok {
+		d.waiters[we.id] = we.reply
+		return we.ev
+	}
+	if dc, ok := ev.(dialedConn); ok {
+		if dc.Err == nil {
+			d.conns[dc.Conn] = dc.conn
+		}
+		return dc.EvDialed
+	}
+	return ev
+}
+
+func (dialedConn) isEvent() {}
+
+// readMachineID reads /etc/machine-id ("" when there is none).
+func readMachineID() string {
+	b, err := os.ReadFile("/etc/machine-id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// classifyDialErr maps a failed connection to a code and says whether
+// retrying can help. The broker's CONNACK refusals are typed (paho's
+// packets errors, wrapped by chatd/mqtt): see docs/protocol.md for what the
+// embedded broker means by each.
+func classifyDialErr(err error, brokerAccount bool) (code int, desc string, permanent bool) {
+	rc, refused := mqtt.RefusalCode(err)
+	if !refused {
+		return codes.ServerTimeout, err.Error(), false
+	}
+	switch rc {
+	case mqtt.RefusedBadUsernameOrPassword, mqtt.RefusedNotAuthorized:
+		if brokerAccount {
+			return codes.InvalidParams, "the broker refused the account (" + err.Error() + "): check [mqtt] username and password_file", true
+		}
+		if rc == mqtt.RefusedNotAuthorized {
+			return codes.UserSigExpired, "the broker refused the UserSig at CONNECT: it expired long ago; get a new UserSig", true
+		}
+		return codes.UserSigInvalid, "the broker refused the UserSig at CONNECT (" + err.Error() + "): it does not verify; check the UserSig and the SDKAppID", true
+	case mqtt.RefusedIdentifierRejected:
+		return codes.InvalidParams, "the broker rejected the client id (instance id) (" + err.Error() + ")", true
+	case mqtt.RefusedBadProtocolVersion:
+		return codes.InvalidParams, "the broker does not speak MQTT 3.1.1 (" + err.Error() + ")", true
+	}
+	return codes.ServerTimeout, err.Error(), false
+}
+
+// WriteMetrics implements the local API's Backend.
+func (d *Daemon) WriteMetrics(w io.Writer) { d.metrics.write(w) }

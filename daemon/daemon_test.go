@@ -26,12 +26,13 @@ import (
 type fakeClock struct {
 	mu     sync.Mutex
 	now    time.Time
+	mono   time.Duration
 	timers []*fakeTimer
 }
 
 type fakeTimer struct {
 	c       chan time.Time
-	at      time.Time
+	at      time.Duration
 	stopped bool
 	clock   *fakeClock
 }
@@ -51,10 +52,23 @@ func (c *fakeClock) Now() time.Time {
 	return c.now
 }
 
+func (c *fakeClock) Mono() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mono
+}
+
+// Step moves the wall clock only, as an NTP step does.
+func (c *fakeClock) Step(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
 func (c *fakeClock) NewTimer(d time.Duration) Timer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	t := &fakeTimer{c: make(chan time.Time, 1), at: c.now.Add(d), clock: c}
+	t := &fakeTimer{c: make(chan time.Time, 1), at: c.mono + d, clock: c}
 	if d <= 0 {
 		t.c <- c.now
 		t.stopped = true
@@ -70,8 +84,9 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.now = c.now.Add(d)
+	c.mono += d
 	for _, t := range c.timers {
-		if !t.stopped && !t.at.After(c.now) {
+		if !t.stopped && t.at <= c.mono {
 			t.stopped = true
 			t.c <- c.now
 		}
@@ -189,6 +204,7 @@ func (c *fakeConn) Pushes() <-chan mqtt.Message { return c.pushes }
 func (c *fakeConn) Lost() <-chan struct{}       { return c.lost }
 func (c *fakeConn) Err() error                  { return errors.New("EOF") }
 func (c *fakeConn) Close(bool)                  { c.drop() }
+func (c *fakeConn) Abort()                      { c.drop() }
 func (c *fakeConn) drop()                       { c.once.Do(func() { close(c.lost) }) }
 
 const appID = 1400000001
@@ -325,9 +341,9 @@ func (h *harness) settle() {
 	h.t.Helper()
 	for range 3 {
 		reply := make(chan loginReply, 1)
-		// A no-op round trip through the inbox.
+		// A no-op round trip through the inbox (an invalid login).
 		select {
-		case h.d.inbox <- cmdLogin{user: "", reply: reply}:
+		case h.d.inbox <- waiterEvent{id: 1 << 60, reply: reply, ev: EvLogin{Waiter: 1 << 60}}:
 			<-reply
 		case <-time.After(5 * time.Second):
 			h.t.Fatal("state goroutine stuck")

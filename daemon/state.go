@@ -1,81 +1,16 @@
 package daemon
 
 import (
-	"chatd/codes"
 	"context"
-	"io"
 	"time"
 
 	"chatd/client"
-	"chatd/storage"
+	"chatd/codes"
 	"chatd/usersig"
 )
 
-// setStatus is the one place the login status changes: it logs
-// "old -> new", records an event and tells subscribers.
-func (d *Daemon) setStatus(s client.LoginStatus, why string) {
-	old := client.LoginStatus(d.st.Status)
-	if old == s {
-		return
-	}
-	d.st.Status = int(s)
-	d.st.Since = d.clock.Now()
-	d.log.Info("login status "+old.String()+" -> "+s.String(), "user", d.st.UserID, "why", why)
-	d.emit(client.Event{Type: client.EventLoginStatusChanged, Status: s, UserID: d.loginUser(), Desc: why})
-	d.status(why)
-}
-
-// status reports a line to systemd (STATUS=) when it changes.
-func (d *Daemon) status(line string) {
-	if d.onStat != nil {
-		d.onStat(line)
-	}
-}
-
-func (d *Daemon) setError(code int, msg string) {
-	d.st.LastError = storage.ErrorInfo{Code: code, Message: msg}
-}
-
-// loginUser is the SDK's getLoginUser: the UserID only while logged in.
-func (d *Daemon) loginUser() string {
-	if client.LoginStatus(d.st.Status) == client.Logined {
-		return d.st.UserID
-	}
-	return ""
-}
-
-// save persists the state; the store skips writes when nothing changed.
-func (d *Daemon) save() {
-	wrote, err := d.store.Save(d.st)
-	if err != nil {
-		d.log.Error("saving state failed", "err", err)
-		return
-	}
-	if wrote {
-		d.metrics.writes.Inc()
-	}
-}
-
-// persisted events: what an operator wants in the history after a reboot.
-// Connection attempts are not written, so a flapping network does not wear
-// out the SD card.
-var persisted = map[string]bool{
-	client.EventKickedOffline:      true,
-	client.EventUserSigExpired:     true,
-	client.EventLoginStatusChanged: true,
-}
-
-// emit timestamps an event, stores it if it matters, and hands it to every
-// subscriber without ever blocking on one.
+// emit hands an event to every subscriber without ever blocking on one.
 func (d *Daemon) emit(e client.Event) {
-	e.Time = d.clock.Now()
-	if persisted[e.Type] {
-		if err := d.store.AppendEvent(storage.Event{Time: e.Time, Type: e.Type, Code: e.Code, Message: e.Desc, Status: int(e.Status)}); err != nil {
-			d.log.Error("saving event failed", "err", err)
-		} else {
-			d.metrics.writes.Inc()
-		}
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for ch := range d.subs {
@@ -87,53 +22,89 @@ func (d *Daemon) emit(e client.Event) {
 	}
 }
 
-// publish refreshes the snapshot the API reads.
+// publish refreshes the snapshot the API reads. Everything in it is
+// derived from the machine.
 func (d *Daemon) publish() {
+	m := d.m
+	if m == nil {
+		return
+	}
+	status := m.status()
 	s := client.Status{
-		LoginStatus:      client.LoginStatus(d.st.Status),
-		LoginStatusName:  client.LoginStatus(d.st.Status).String(),
-		UserID:           d.loginUser(),
-		Connected:        d.conn != nil && d.phase == connConnected,
-		Connection:       d.phase,
-		ServerTimeOffset: d.offset.Milliseconds(),
-		ClockTrusted:     d.clockTrusted(),
-		LastError:        client.ErrorInfo(d.st.LastError),
-		Since:            d.st.Since,
-		Instance:         d.st.InstanceID,
+		LoginStatus:      status,
+		LoginStatusName:  status.String(),
+		UserID:           m.loginUser(),
+		Connected:        m.connected(),
+		Connection:       m.connection(),
+		Phase:            m.phase.String(),
+		ServerTimeOffset: m.offset().Milliseconds(),
+		ClockTrusted:     m.trusted(),
+		LastError:        client.ErrorInfo(m.lastErr),
+		Since:            m.st.Since,
+		Instance:         m.st.InstanceID,
+		StatePersisted:   d.notPersist == "" && d.persistErr == nil,
+		PendingLogouts:   len(m.st.PendingLogouts),
 	}
-	if s.LoginStatus == client.Logined {
-		s.Session = d.st.Session
+	if m.lastErr.Code == 0 && m.st.LastError.Code != 0 {
+		s.LastError = client.ErrorInfo(m.st.LastError)
 	}
-	if !d.sigExp.IsZero() && d.st.UserID != "" {
-		t := d.sigExp
+	switch {
+	case d.notPersist != "":
+		s.StateError = d.notPersist
+	case d.persistErr != nil:
+		s.StateError = d.persistErr.Error()
+	}
+	if status == client.Logined {
+		s.Session = m.st.Session
+	}
+	if !m.sig.expires.IsZero() && m.st.UserID != "" {
+		t := m.sig.expires
 		s.UserSigExpiresAt = &t
 	}
-	if d.phase == connReconnecting && d.conn == nil && !d.busy && !d.retryAt.IsZero() {
-		t := d.retryAt
+	if m.phase == PhaseWaitRetry && m.retryAt > m.now.Mono {
+		t := m.now.Wall.Add(m.retryAt - m.now.Mono)
+		s.NextRetryAt = &t
+	}
+	if m.phase == PhaseKickedWait {
+		t := m.now.Wall.Add(m.reloginAt - m.now.Mono)
 		s.NextRetryAt = &t
 	}
 	if len(d.cfg.Broker) > 0 {
 		s.Broker = d.cfg.Broker[0]
 	}
+	known := m.anchored
+	srv := m.serverNow()
+	if !known {
+		srv = m.now.Wall.Add(m.st.ServerTimeOffset)
+	}
 	d.mu.Lock()
 	d.snap = s
+	d.serverAnchor = serverAnchor{known: known, server: srv, mono: m.now.Mono}
 	d.mu.Unlock()
 }
 
-// Status implements Backend.
+// serverAnchor is the gateway's clock as the snapshot knows it: at
+// monotonic time mono it was server.
+type serverAnchor struct {
+	known  bool
+	server time.Time
+	mono   time.Duration
+}
+
+// Status implements the local API's Backend.
 func (d *Daemon) Status() client.Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.snap
 }
 
-// Login implements Backend. The login itself goes on when ctx ends (the
-// caller only stops waiting); logout cancels it.
+// Login implements the local API's Backend. The login itself goes on when
+// ctx ends (the caller only stops waiting); logout cancels it.
 func (d *Daemon) Login(ctx context.Context, user string, sig usersig.Secret) (int, string) {
-	reply := make(chan loginReply, 1)
+	id, reply := d.waiter()
 	select {
-	case d.inbox <- cmdLogin{user: user, sig: sig, reply: reply}:
-	case <-d.done:
+	case d.inbox <- waiterEvent{id: id, reply: reply, ev: EvLogin{Waiter: id, UserID: user, Sig: sig}}:
+	case <-d.stopping:
 		return codes.Interrupted, "chatd is shutting down"
 	case <-ctx.Done():
 		return codes.InProgress, "gave up waiting: " + ctx.Err().Error()
@@ -141,18 +112,32 @@ func (d *Daemon) Login(ctx context.Context, user string, sig usersig.Secret) (in
 	return waitReply(ctx, reply, d.done)
 }
 
-// Logout implements Backend.
+// Logout implements the local API's Backend.
 func (d *Daemon) Logout(ctx context.Context) (int, string) {
-	reply := make(chan loginReply, 1)
+	id, reply := d.waiter()
 	select {
-	case d.inbox <- cmdLogout{reply: reply}:
-	case <-d.done:
+	case d.inbox <- waiterEvent{id: id, reply: reply, ev: EvLogout{Waiter: id}}:
+	case <-d.stopping:
 		return codes.Interrupted, "chatd is shutting down"
 	case <-ctx.Done():
 		return codes.LogoutInProgress, "gave up waiting: " + ctx.Err().Error()
 	}
 	return waitReply(ctx, reply, d.done)
 }
+
+func (d *Daemon) waiter() (uint64, chan loginReply) {
+	return d.waiterSeq.Add(1), make(chan loginReply, 1)
+}
+
+// waiterEvent registers the caller's reply channel with the runner before
+// the machine sees the command.
+type waiterEvent struct {
+	id    uint64
+	reply chan loginReply
+	ev    Event
+}
+
+func (waiterEvent) isEvent() {}
 
 func waitReply(ctx context.Context, reply chan loginReply, done chan struct{}) (int, string) {
 	select {
@@ -170,7 +155,7 @@ func waitReply(ctx context.Context, reply chan loginReply, done chan struct{}) (
 	}
 }
 
-// Subscribe implements Backend.
+// Subscribe implements the local API's Backend.
 func (d *Daemon) Subscribe() (<-chan client.Event, func()) {
 	ch := make(chan client.Event, 64)
 	d.mu.Lock()
@@ -193,14 +178,20 @@ func (d *Daemon) Subscribe() (<-chan client.Event, func()) {
 	}
 }
 
-// ServerTime implements Backend.
+// ServerTime implements the local API's Backend: the gateway's clock,
+// anchored on the monotonic clock when a login or resume answer in this
+// run told it (Known); otherwise the wall clock and the offset persisted
+// in an earlier run, for display only.
 func (d *Daemon) ServerTime() client.ServerTime {
-	s := d.Status()
-	now := d.clock.Now().Add(time.Duration(s.ServerTimeOffset) * time.Millisecond)
-	return client.ServerTime{ServerTime: now.Unix(), ServerTimeMs: now.UnixMilli(), Known: s.ServerTimeOffset != 0 || s.ClockTrusted}
+	d.mu.Lock()
+	a := d.serverAnchor
+	d.mu.Unlock()
+	now := a.server
+	if a.known {
+		now = a.server.Add(d.clock.Mono() - a.mono)
+	} else {
+		s := d.Status()
+		now = d.clock.Now().Add(time.Duration(s.ServerTimeOffset) * time.Millisecond)
+	}
+	return client.ServerTime{ServerTime: now.Unix(), ServerTimeMs: now.UnixMilli(), Known: a.known}
 }
-
-// WriteMetrics implements Backend.
-func (d *Daemon) WriteMetrics(w io.Writer) { d.metrics.write(w) }
-
-var _ Backend = (*Daemon)(nil)

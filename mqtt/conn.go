@@ -2,6 +2,9 @@ package mqtt
 
 import (
 	"context"
+	"net"
+	"net/url"
+	"strings"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
@@ -12,7 +15,35 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 )
+
+// CONNACK return codes of MQTT 3.1.1 that refuse a connection.
+const (
+	RefusedBadProtocolVersion    = 1
+	RefusedIdentifierRejected    = 2
+	RefusedServerUnavailable     = 3
+	RefusedBadUsernameOrPassword = 4
+	RefusedNotAuthorized         = 5
+)
+
+// RefusalCode reports the CONNACK return code when err is the broker's
+// refusal of a connection (paho's typed errors), and false for anything
+// else (a network failure, a timeout).
+func RefusalCode(err error) (byte, bool) {
+	for rc, e := range map[byte]error{
+		RefusedBadProtocolVersion:    packets.ErrorRefusedBadProtocolVersion,
+		RefusedIdentifierRejected:    packets.ErrorRefusedIDRejected,
+		RefusedServerUnavailable:     packets.ErrorRefusedServerUnavailable,
+		RefusedBadUsernameOrPassword: packets.ErrorRefusedBadUsernameOrPassword,
+		RefusedNotAuthorized:         packets.ErrorRefusedNotAuthorised,
+	} {
+		if errors.Is(err, e) {
+			return rc, true
+		}
+	}
+	return 0, false
+}
 
 // DialOptions say how a device connects.
 type DialOptions struct {
@@ -60,6 +91,8 @@ type Conn struct {
 	seq     atomic.Uint64
 	idBase  string
 	resend  time.Duration
+	netMu   sync.Mutex
+	netConn net.Conn // the network connection under paho, for Abort
 }
 
 // ErrConnLost is returned by Request when the connection is gone.
@@ -116,10 +149,25 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 	po.SetAutoReconnect(false)
 	po.SetConnectRetry(false)
 	po.SetKeepAlive(o.KeepAlive)
-	po.SetPingTimeout(10 * time.Second)
+	// A dead link is noticed within 1.5 keepalives: paho sends a ping once
+	// nothing was received for a keepalive and checks every quarter
+	// keepalive (every 5 s above 10 s); a ping timeout shorter than that
+	// check interval declares the link dead at the next check.
+	po.SetPingTimeout(pingTimeout(o.KeepAlive))
 	po.SetConnectTimeout(o.ConnectTimeout)
 	po.SetWriteTimeout(10 * time.Second)
-	po.SetOrderMatters(false)
+	// Messages reach the owner in the order the broker sent them (a login
+	// answer before the kick that followed it); the handler never blocks.
+	po.SetOrderMatters(true)
+	po.SetCustomOpenConnectionFn(func(uri *url.URL, opts paho.ClientOptions) (net.Conn, error) {
+		nc, err := openConnection(uri, opts)
+		if err == nil {
+			c.netMu.Lock()
+			c.netConn = nc
+			c.netMu.Unlock()
+		}
+		return nc, err
+	})
 	po.SetBinaryWill(o.Topics.Up(o.UserID, o.Instance), Encode(Message{Type: TypeOffline}), QoSWill, false)
 	po.SetConnectionLostHandler(func(_ paho.Client, err error) { c.markLost(err) })
 	c.c = paho.NewClient(po)
@@ -127,7 +175,7 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 	t := c.c.Connect()
 	if err := wait(ctx, t, o.ConnectTimeout+time.Second); err != nil {
 		c.c.Disconnect(0)
-		return nil, fmt.Errorf("connecting to %v: %w", o.Brokers, err)
+		return nil, fmt.Errorf("connecting to %s: %w", strings.Join(o.Brokers, ", "), err)
 	}
 	t = c.c.Subscribe(o.Topics.Down(o.UserID, o.Instance), QoSReply, c.onMessage)
 	if err := wait(ctx, t, 10*time.Second); err != nil {
@@ -261,6 +309,25 @@ func (c *Conn) publish(ctx context.Context, m Message) error {
 	}
 }
 
+// Abort cuts the network connection without an MQTT DISCONNECT, so that
+// the broker publishes the device's Will (a clean disconnect discards it).
+func (c *Conn) Abort() {
+	c.netMu.Lock()
+	nc := c.netConn
+	c.netMu.Unlock()
+	if nc != nil {
+		nc.Close()
+	}
+	c.c.Disconnect(0)
+	c.markLost(errors.New("aborted"))
+}
+
+// pingTimeout is the PINGRESP timeout for a keepalive: a fifth of it
+// (under paho's check interval), at least 500 ms and at most 4 s.
+func pingTimeout(keepAlive time.Duration) time.Duration {
+	return min(max(keepAlive/5, 500*time.Millisecond), 4*time.Second)
+}
+
 // Close ends the connection. With goodbye, it first tells the gateway the
 // device is going offline (a clean disconnect sends no Will).
 func (c *Conn) Close(goodbye bool) {
@@ -271,4 +338,27 @@ func (c *Conn) Close(goodbye bool) {
 	}
 	c.c.Disconnect(250)
 	c.markLost(errors.New("closed"))
+}
+
+// openConnection opens the network connection for paho (tcp, ssl and
+// unix, the schemes chatd's config allows), so that Abort can cut it.
+func openConnection(uri *url.URL, opts paho.ClientOptions) (net.Conn, error) {
+	dialer := &net.Dialer{Timeout: opts.ConnectTimeout}
+	switch uri.Scheme {
+	case "mqtt", "tcp":
+		return dialer.Dial("tcp", uri.Host)
+	case "unix":
+		path := uri.Path
+		if uri.Host != "" {
+			path = uri.Host
+		}
+		return dialer.Dial("unix", path)
+	case "ssl", "tls", "mqtts", "mqtt+ssl", "tcps":
+		cfg := opts.TLSConfig
+		if cfg == nil {
+			cfg = &tls.Config{}
+		}
+		return tls.DialWithDialer(dialer, "tcp", uri.Host, cfg)
+	}
+	return nil, fmt.Errorf("broker URL %s: unsupported scheme %q; use tcp, ssl or unix", uri, uri.Scheme)
 }

@@ -61,6 +61,27 @@ type State struct {
 	Since time.Time
 	// KickCount counts kicks since the last successful login.
 	KickCount int
+	// PendingLogouts are sessions the gateway must still be told about
+	// (a logout or account switch while disconnected). Each keeps the
+	// UserSig needed to connect as its user, and only until it is delivered.
+	PendingLogouts []PendingLogout
+	// LoggedOut: the user logged out deliberately; a restart must not log in
+	// again by itself, even with user_id configured.
+	LoggedOut bool
+	// ConfigUserID is the user_id the config named when this state was written.
+	ConfigUserID string
+	// ReloginAt is when to log in again after a kick ([kick] after = "relogin").
+	ReloginAt time.Time
+	// MachineID is /etc/machine-id when InstanceID was made: a board cloned
+	// from the same SD image gets a new instance id.
+	MachineID string
+}
+
+// PendingLogout is a logout the gateway has not acknowledged yet.
+type PendingLogout struct {
+	UserID  string
+	Session string
+	UserSig usersig.Secret
 }
 
 // Event is one entry of the bounded login history.
