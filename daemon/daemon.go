@@ -123,7 +123,7 @@ type Daemon struct {
 	mu           sync.Mutex
 	snap         client.Status
 	serverAnchor serverAnchor
-	subs map[chan client.Event]struct{}
+	subs         map[chan client.Event]struct{}
 
 	alive   atomic.Int64 // Unix nanoseconds of the last loop turn
 	metrics *metrics

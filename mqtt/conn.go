@@ -2,14 +2,14 @@ package mqtt
 
 import (
 	"context"
-	"net"
-	"net/url"
-	"strings"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
