@@ -107,6 +107,13 @@ type fakeGateway struct {
 	dialErr    error
 	dials      int
 	serverTime func() time.Time
+	inflight   int // requests received, answered or not
+}
+
+func (g *fakeGateway) received() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.inflight
 }
 
 func (g *fakeGateway) Dial(ctx context.Context, p DialParams) (Conn, error) {
@@ -154,6 +161,9 @@ type fakeConn struct {
 
 func (c *fakeConn) Request(ctx context.Context, m mqtt.Message) (mqtt.Message, error) {
 	g := c.g
+	g.mu.Lock()
+	g.inflight++
+	g.mu.Unlock()
 	if g.hold != nil && m.Type == mqtt.TypeLogin {
 		select {
 		case <-g.hold:
@@ -766,8 +776,7 @@ func TestLogoutCancelsLogin(t *testing.T) {
 	h.gw.hold = make(chan struct{})
 	done := make(chan int, 1)
 	go func() { c, _ := h.login("dev-42", sigFor(t, "dev-42", start, time.Hour)); done <- c }()
-	h.until("LOGINING", func(s client.Status) bool { return s.LoginStatus == client.Logining })
-	h.settle()
+	h.until("the login at the gateway", func(client.Status) bool { return h.gw.received() == 1 })
 	h.d.Logout(context.Background())
 	if c := <-done; c != 6014 {
 		t.Errorf("the cancelled login answered %d, want 6014", c)

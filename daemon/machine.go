@@ -763,6 +763,9 @@ func (m *machine) timers() {
 		m.quick = 0
 		m.stableAt = 0
 	}
+	if m.phase == PhaseOnline {
+		m.noteOnline(false)
+	}
 	switch m.phase {
 	case PhaseWaitRetry:
 		if now >= m.retryAt {
@@ -1147,7 +1150,6 @@ func (m *machine) stop(code int, desc string) {
 	m.endGoal(code, desc)
 	m.dropConn(true)
 	m.stopErr(code, desc)
-	m.emit(client.Event{Type: client.EventConnectFailed, Code: code, Desc: desc})
 	m.setPhase(PhaseIdle, fmt.Sprintf("stopped: %s", codes.Describe(code)))
 	if len(m.st.PendingLogouts) > 0 {
 		m.setPhase(PhaseWaitRetry, "logouts to deliver")
@@ -1160,6 +1162,9 @@ func (m *machine) onConnLost(e EvConnLost) {
 		return
 	}
 	m.count("conn_lost", 0)
+	if m.phase == PhaseOnline && m.trusted() && m.serverNow().Sub(m.st.LastOnline) >= time.Hour {
+		m.noteOnline(true)
+	}
 	quick := m.phase != PhaseDialing && m.now.Mono-m.connAt < m.cfg.QuickLoss
 	m.conn, m.connUser, m.req, m.online, m.stableAt = 0, "", nil, false, 0
 	if quick {
@@ -1327,11 +1332,28 @@ func (m *machine) onResumed(req request, r mqtt.Message) {
 // offlineTooLong: the device was away longer than the gateway remembers
 // ended sessions, so "unknown session" may hide a kick.
 func (m *machine) offlineTooLong() bool {
-	last := m.st.Since
+	last := m.st.LastOnline
 	if last.IsZero() || !m.trusted() {
 		return false
 	}
 	return m.serverNow().Sub(last) > m.cfg.ForgetAfter
+}
+
+// lastOnlineEvery bounds how stale the persisted LastOnline may be while
+// online: one write a day.
+const lastOnlineEvery = 24 * time.Hour
+
+// noteOnline records that the session was online now, persisting it when
+// the record is older than lastOnlineEvery (or force).
+func (m *machine) noteOnline(force bool) {
+	if !m.trusted() {
+		return
+	}
+	now := m.serverNow()
+	if force || m.st.LastOnline.IsZero() || now.Sub(m.st.LastOnline) >= lastOnlineEvery || now.Before(m.st.LastOnline) {
+		m.st.LastOnline = now
+		m.dirty = true
+	}
 }
 
 func describe(r mqtt.Message) string {
@@ -1440,6 +1462,7 @@ func (m *machine) becomeOnline(r mqtt.Message, why string) {
 	m.lastErr = storage.ErrorInfo{}
 	m.stopErr(0, "")
 	m.setPhase(PhaseOnline, why)
+	m.noteOnline(false)
 	m.answerAll(codes.OK, why)
 	m.renewOnline()
 }

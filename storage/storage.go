@@ -75,6 +75,10 @@ type State struct {
 	// MachineID is /etc/machine-id when InstanceID was made: a board cloned
 	// from the same SD image gets a new instance id.
 	MachineID string
+	// LastOnline is when the session was last known online, on the
+	// gateway's clock (refreshed at most daily while online, and when the
+	// connection is lost).
+	LastOnline time.Time
 }
 
 // PendingLogout is a logout the gateway has not acknowledged yet.
