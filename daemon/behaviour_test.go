@@ -56,6 +56,10 @@ func TestWallClockStepAfterLogin(t *testing.T) {
 			}
 			// A fresh UserSig issued by the gateway's clock is accepted.
 			got = d.do(EvHelper{Gen: d.m.gen, Sig: sig24(t, "dev-42", d.m.serverNow())})
+			if !has(got, "send c1 resume s1") {
+				t.Fatalf("the renewal does not check the session first: %v (last error %+v)", got, d.m.lastErr)
+			}
+			got = d.do(EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeResumeResult, Session: "s1", ServerTimeMs: d.m.serverNow().UnixMilli()}})
 			if !hasPrefix(got, "send c1 login") {
 				t.Fatalf("the fresh UserSig was not used: %v (last error %+v)", got, d.m.lastErr)
 			}
@@ -473,6 +477,7 @@ func TestBadUserSigForTheLoggedInUserChangesNothing(t *testing.T) {
 	// Well-formed, later expiry, but signed with another key.
 	bad, _ := usersig.Generate(appID, usersig.NewSecret("other-key"), "dev-42", 48*time.Hour, start)
 	d.do(EvLogin{Waiter: 7, UserID: "dev-42", Sig: usersig.NewSecret(bad)})
+	d.do(EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeResumeResult, Session: "s1"}})
 	req := d.lastSend()
 	got := d.do(EvAnswered{Conn: 1, Req: req, Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.UserSigWrongKey}})
 	if !has(got, "answer w7 70009") {

@@ -293,11 +293,13 @@ type machine struct {
 	nextInfo sigInfo
 
 	conn     uint64 // current connection, 0 none
+	ready    bool   // conn is established (not still dialling)
 	connUser string
 	connAt   time.Duration
 	connSeq  uint64
 	req      *request
 	online   bool // onConnectSuccess was emitted for this connection
+	resumed  bool // the session was confirmed by the last answer (a resume)
 
 	attempt  int
 	retryAt  time.Duration
@@ -364,14 +366,21 @@ func newMachine(cfg machineConfig, st storage.State, found bool, initialSig user
 	m.sig, _ = decodeSig(m.st.UserSig)
 	m.lastStatus = client.LoginStatus(m.st.Status)
 	m.lastPhase = PhaseIdle
+	// The config's user_id changed since the state was written (a state
+	// from before ConfigUserID was kept: the persisted identity differs).
+	// An identity logged in by command under the same config is kept.
 	configChanged := m.st.ConfigUserID != cfg.ConfigUserID
-	if configChanged {
+	if m.st.ConfigUserID == "" && found {
+		configChanged = cfg.ConfigUserID != "" && m.st.UserID != "" && m.st.UserID != cfg.ConfigUserID
+	}
+	wasConfigured := m.st.ConfigUserID == "" || m.st.UserID == m.st.ConfigUserID
+	if m.st.ConfigUserID != cfg.ConfigUserID {
 		m.st.ConfigUserID = cfg.ConfigUserID
 		m.dirty = true
 	}
 	status := client.LoginStatus(m.st.Status)
 	switch {
-	case cfg.ConfigUserID != "" && m.st.UserID != "" && m.st.UserID != cfg.ConfigUserID && (status != client.Logout || m.st.Session != ""):
+	case configChanged && wasConfigured && cfg.ConfigUserID != "" && m.st.UserID != "" && m.st.UserID != cfg.ConfigUserID && (status != client.Logout || m.st.Session != ""):
 		// The configured identity changed: the old one logs out at the
 		// gateway, the new one logs in.
 		m.log(slog.LevelInfo, "the configured user_id changed; logging the old identity out", "from", m.st.UserID, "to", cfg.ConfigUserID)
@@ -804,6 +813,22 @@ func (m *machine) proceed() {
 	if m.req != nil {
 		return // wait for the answer first
 	}
+	if m.conn != 0 && !m.ready {
+		// A dial is under way: wait for it if it is the connection the
+		// next step needs.
+		want := ""
+		switch {
+		case len(m.st.PendingLogouts) > 0:
+			want = m.st.PendingLogouts[0].UserID
+		case m.goal:
+			want = m.st.UserID
+		}
+		if want != "" && m.connUser == want {
+			m.setPhase(PhaseDialing, m.why)
+			return
+		}
+		m.dropConn(false)
+	}
 	if len(m.st.PendingLogouts) > 0 {
 		pl := m.st.PendingLogouts[0]
 		if m.conn != 0 && m.connUser == pl.UserID {
@@ -857,6 +882,7 @@ func (m *machine) loginMsg(sig usersig.Secret) mqtt.Message {
 func (m *machine) dial(user string, sig usersig.Secret, why string) {
 	m.connSeq++
 	m.conn = m.connSeq
+	m.ready = false
 	m.connUser = user
 	m.online = false
 	m.setPhase(PhaseDialing, why)
@@ -879,7 +905,7 @@ func (m *machine) dropConn(goodbye bool) {
 		return
 	}
 	m.out = append(m.out, CloseConn{Conn: m.conn, Goodbye: goodbye})
-	m.conn, m.connUser, m.req, m.online, m.stableAt = 0, "", nil, false, 0
+	m.conn, m.ready, m.connUser, m.req, m.online, m.stableAt = 0, false, "", nil, false, 0
 }
 
 // failed schedules the next attempt after a failure.
@@ -943,6 +969,11 @@ func (m *machine) onLogin(e EvLogin) {
 		default:
 			m.waiters = append(m.waiters, e.Waiter)
 			if m.phase == PhaseFetching && !e.Sig.IsZero() {
+				if m.helper {
+					// The caller brought the UserSig the helper was asked for.
+					m.helper = false
+					m.out = append(m.out, CancelHelper{})
+				}
 				m.proceed()
 			}
 		}
@@ -987,6 +1018,9 @@ func (m *machine) startLogin(user string, sig usersig.Secret, why string) {
 	m.setPhase(PhaseWaitRetry, why)
 	m.retryAt = m.now.Mono
 	m.proceed()
+	if m.req != nil && m.phase != PhaseRequesting {
+		m.setPhase(PhaseRequesting, why) // an earlier request is answered first
+	}
 }
 
 // endGoal drops the goal: pending logins are answered with code, a
@@ -1060,13 +1094,15 @@ func (m *machine) onLogout(e EvLogout) {
 	}
 	m.stopErr(0, "")
 	m.why = "logout"
-	if len(m.st.PendingLogouts) > 0 {
-		if m.req == nil {
-			m.setPhase(PhaseWaitRetry, "logout")
-			m.retryAt = m.now.Mono
-			m.proceed()
-		}
-	} else if m.req == nil || m.req.msg.Type != mqtt.TypeLogin {
+	if m.req != nil && (len(m.st.PendingLogouts) > 0 || m.req.msg.Type == mqtt.TypeLogin) {
+		// The request in flight is answered first: then the logout goes
+		// out on the same connection (a late login success included).
+		m.setPhase(PhaseRequesting, "logout")
+	} else if len(m.st.PendingLogouts) > 0 {
+		m.setPhase(PhaseWaitRetry, "logout")
+		m.retryAt = m.now.Mono
+		m.proceed()
+	} else {
 		// A login in flight keeps its connection: a late success is
 		// logged out on it.
 		m.dropConn(true)
@@ -1100,14 +1136,14 @@ func (m *machine) onStop() {
 // --- the network ---
 
 func (m *machine) onDialed(e EvDialed) {
-	if e.Conn != m.conn || m.phase != PhaseDialing {
+	if e.Conn != m.conn || m.ready {
 		if e.Err == nil {
 			m.out = append(m.out, CloseConn{Conn: e.Conn, Goodbye: false})
 		}
 		return
 	}
 	if e.Err != nil {
-		m.conn, m.connUser = 0, ""
+		m.conn, m.ready, m.connUser = 0, false, ""
 		code, desc, permanent := classifyDialErr(e.Err, m.cfg.BrokerAccount)
 		if permanent {
 			m.refused(code, desc)
@@ -1116,6 +1152,7 @@ func (m *machine) onDialed(e EvDialed) {
 		m.failed(code, desc, m.backoff())
 		return
 	}
+	m.ready = true
 	m.connAt = m.now.Mono
 	m.stableAt = m.now.Mono + m.cfg.StableAfter
 	m.proceed()
@@ -1165,8 +1202,8 @@ func (m *machine) onConnLost(e EvConnLost) {
 	if m.phase == PhaseOnline && m.trusted() && m.serverNow().Sub(m.st.LastOnline) >= time.Hour {
 		m.noteOnline(true)
 	}
-	quick := m.phase != PhaseDialing && m.now.Mono-m.connAt < m.cfg.QuickLoss
-	m.conn, m.connUser, m.req, m.online, m.stableAt = 0, "", nil, false, 0
+	quick := m.ready && m.now.Mono-m.connAt < m.cfg.QuickLoss
+	m.conn, m.ready, m.connUser, m.req, m.online, m.stableAt = 0, false, "", nil, false, 0
 	if quick {
 		m.quick++
 		if m.quick == m.cfg.QuickLossLimit {
@@ -1238,7 +1275,7 @@ func (m *machine) onAnswered(e EvAnswered) {
 		// publishes the Will (the gateway must not keep the session
 		// online), and start over.
 		m.out = append(m.out, CloseConn{Conn: m.conn, Abort: true})
-		m.conn, m.connUser, m.online, m.stableAt = 0, "", false, 0
+		m.conn, m.ready, m.connUser, m.online, m.stableAt = 0, false, "", false, 0
 		if req.msg.Type == mqtt.TypeLogin && m.phase == PhaseOnline {
 			// A renewal went unanswered: the session is still ours.
 		}
@@ -1297,6 +1334,7 @@ func (m *machine) onResumed(req request, r mqtt.Message) {
 	switch {
 	case r.Code == codes.OK:
 		m.learn(r.ServerTimeMs)
+		m.resumed = true
 		m.becomeOnline(r, "resumed session "+r.Session)
 	case r.Code == codes.KickedOffline:
 		m.learn(r.ServerTimeMs)
@@ -1304,12 +1342,17 @@ func (m *machine) onResumed(req request, r mqtt.Message) {
 	case codes.NeedsNewUserSig(r.Code):
 		m.st.Session = ""
 		m.dirty = true
-		if m.nextUsable() {
+		switch {
+		case m.nextUsable():
 			// A renewal fetched while away: the session ended, log in.
 			m.send(m.loginMsg(m.next), m.st.UserID, m.next)
-			return
+		case r.Code == codes.UserSigExpired && m.sigUsable() && m.sig.expires.After(m.serverNow()):
+			// The session's UserSig expired, but the device holds a newer
+			// one already: log in with it.
+			m.send(m.loginMsg(m.st.UserSig), m.st.UserID, m.st.UserSig)
+		default:
+			m.expire(r.Code, r.Desc)
 		}
-		m.expire(r.Code, r.Desc)
 	case retryable(r):
 		m.failed(r.Code, "resume: "+describe(r), m.retryDelay(r))
 	default:
@@ -1391,6 +1434,7 @@ func (m *machine) onLoggedIn(req request, r mqtt.Message) {
 			m.st.UserSigExpiresAt = m.sig.expires
 		}
 		m.helperTries, m.renewFailed, m.notified, m.expiryNotice = 0, false, false, nil
+		m.resumed = false
 		for _, w := range m.renewWaiters {
 			m.answer(w, codes.OK, "logged in as "+m.st.UserID+" with the new UserSig")
 		}
@@ -1469,10 +1513,19 @@ func (m *machine) becomeOnline(r mqtt.Message, why string) {
 
 // renewOnline sends a login with a newer UserSig on the live connection:
 // a re-login of this instance, which kicks nobody.
+//
+// A resume goes first unless the session was just resumed: a kick whose
+// push the device missed is seen that way (6208), instead of being
+// overruled by a fresh login that would kick the other instance back.
 func (m *machine) renewOnline() {
 	if m.phase != PhaseOnline || m.req != nil || !m.nextUsable() {
 		return
 	}
+	if !m.resumed {
+		m.send(mqtt.Message{Type: mqtt.TypeResume, UserID: m.st.UserID, Session: m.st.Session}, m.st.UserID, usersig.Secret{})
+		return
+	}
+	m.resumed = false
 	m.send(m.loginMsg(m.next), m.st.UserID, m.next)
 }
 
@@ -1520,6 +1573,12 @@ func (m *machine) expire(code int, desc string) {
 		m.st.UserSig, m.sig = m.next, m.nextInfo
 		m.next, m.nextInfo = usersig.Secret{}, sigInfo{}
 		m.dirty = true
+		if m.req != nil {
+			m.setPhase(PhaseRequesting, "the UserSig expired; the new one is on its way")
+			return
+		}
+		m.setPhase(PhaseWaitRetry, "the UserSig expired; using the new one")
+		m.retryAt = m.now.Mono
 		m.proceed()
 		return
 	}

@@ -186,189 +186,192 @@ func TestPhaseStrings(t *testing.T) {
 
 // The table: (phase, event) -> (phase, effects). Each case builds its
 // phase the way the daemon gets there, then applies one event.
+type transitionCase struct {
+	name      string
+	opts      []dopt
+	setup     func(d *drv)
+	event     func(d *drv) Event
+	wantPhase Phase
+	want      []string
+}
+
+func sig(t testing.TB) usersig.Secret { return sig24(t, "dev-42", start) }
+
+var transitionCases = []transitionCase{
+	{
+		name:      "Idle + login: dial",
+		event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)} },
+		wantPhase: PhaseDialing,
+		want:      []string{"persist", "emit onLoginStatusChanged:LOGINING", "emit onConnecting", "dial c1 dev-42"},
+	},
+	{
+		name:      "Idle + login with a bad UserSig: refused, nothing changes",
+		event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: usersig.NewSecret("garbage")} },
+		wantPhase: PhaseIdle,
+		want:      []string{"answer w1 70003"},
+	},
+	{
+		name:      "Idle + login with another user's UserSig: 70013",
+		event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig24(d.t, "someone", start)} },
+		wantPhase: PhaseIdle,
+		want:      []string{"answer w1 70013"},
+	},
+	{
+		name:      "Idle + logout: nothing to do",
+		event:     func(d *drv) Event { return EvLogout{Waiter: 1} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "answer w1 0"},
+	},
+	{
+		name:      "Dialing + dialed: send login",
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
+		event:     func(d *drv) Event { return EvDialed{Conn: 1} },
+		wantPhase: PhaseRequesting,
+		want:      []string{"send c1 login exp=12:00"},
+	},
+	{
+		name:      "Dialing + refused: retry with backoff",
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
+		event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: errors.New("connection refused")} },
+		wantPhase: PhaseWaitRetry,
+		want:      []string{"emit onConnectFailed:70169"},
+	},
+	{
+		name:      "Dialing + bad credentials at CONNECT: permanent",
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
+		event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: refusal(4)} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "emit onConnectFailed:70003", "answer w1 70003", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:  "Requesting + login ok: online, answered after persist",
+		setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
+		event: func(d *drv) Event {
+			return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: okLogin("s1", sig(d.t), d.now.Wall)}
+		},
+		wantPhase: PhaseOnline,
+		want:      []string{"persist", "emit onConnectSuccess", "answer w1 0", "emit onLoginStatusChanged:LOGINED"},
+	},
+	{
+		name:  "Requesting + 70050: wait the minute on the same connection",
+		setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
+		event: func(d *drv) Event {
+			return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.TooManyFailures}}
+		},
+		wantPhase: PhaseWaitRetry,
+		want:      []string{"emit onConnectFailed:70050"},
+	},
+	{
+		name:  "Requesting + permanent code: LOGOUT",
+		setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
+		event: func(d *drv) Event {
+			return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.UserSigWrongKey}}
+		},
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "answer w1 70009", "close c1 goodbye", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:  "Requesting + no answer: abort so the broker publishes the Will",
+		setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
+		event: func(d *drv) Event {
+			return EvAnswered{Conn: 1, Req: d.lastSend(), Err: errors.New("context deadline exceeded")}
+		},
+		wantPhase: PhaseWaitRetry,
+		want:      []string{"abort c1", "emit onConnectFailed:70169"},
+	},
+	{
+		name:      "Online + connection lost: LOGINED, reconnecting",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvConnLost{Conn: 1, Err: errors.New("EOF")} },
+		wantPhase: PhaseWaitRetry,
+		want:      []string{"emit onConnectFailed:70169"},
+	},
+	{
+		name:      "Online + kick for this session: LOGOUT, no relogin",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "close c1 goodbye", "emit onKickedOffline:6208", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Online + kick with relogin policy: KickedWait",
+		opts:      []dopt{withRelogin()},
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}} },
+		wantPhase: PhaseKickedWait,
+		want:      []string{"persist", "close c1 goodbye", "emit onKickedOffline:6208", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Online + kick for another session: ignored",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s-old"}} },
+		wantPhase: PhaseOnline,
+	},
+	{
+		name:  "Online + usersig_expired without helper: LOGOUT 70001",
+		setup: func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event: func(d *drv) Event {
+			return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeUserSigExpire, Session: "s1"}}
+		},
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "emit onUserSigExpired:70001", "close c1 goodbye", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:  "Online + usersig_expired with helper: fetch, LOGINING",
+		opts:  []dopt{withHelper()},
+		setup: func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event: func(d *drv) Event {
+			return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeUserSigExpire, Session: "s1"}}
+		},
+		wantPhase: PhaseFetching,
+		want:      []string{"persist", "emit onUserSigExpired:70001", "helper", "emit onLoginStatusChanged:LOGINING"},
+	},
+	{
+		name:      "Online + logout: persist the pending logout, send it, answer",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
+		wantPhase: PhaseRequesting,
+		want:      []string{"persist", "send c1 logout s1", "answer w9 0", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Online + login as another user: log out first",
+		setup:     func(d *drv) { d.online("alice", sig24(d.t, "alice", start)) },
+		event:     func(d *drv) Event { return EvLogin{Waiter: 9, UserID: "bob", Sig: sig24(d.t, "bob", start)} },
+		wantPhase: PhaseRequesting,
+		want:      []string{"persist", "send c1 logout s1", "emit onLoginStatusChanged:LOGINING"},
+	},
+	{
+		name: "WaitRetry + logout: pending logout persisted, answered at once",
+		setup: func(d *drv) {
+			d.online("dev-42", sig(d.t))
+			d.do(EvConnLost{Conn: 1})
+		},
+		event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
+		wantPhase: PhaseDialing,
+		want:      []string{"persist", "emit onLoginStatusChanged:LOGOUT", "emit onConnecting", "dial c2 dev-42", "answer w9 0"},
+	},
+	{
+		name: "KickedWait + logout: the relogin is cancelled",
+		opts: []dopt{withRelogin()},
+		setup: func(d *drv) {
+			d.online("dev-42", sig(d.t))
+			d.do(EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}})
+		},
+		event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "answer w9 0"},
+	},
+	{
+		name:      "any + stop: goodbye, no logout",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event:     func(d *drv) Event { return EvStop{} },
+		wantPhase: PhaseStopped,
+		want:      []string{"close c1 goodbye"},
+	},
+}
+
 func TestTransitions(t *testing.T) {
-	type tc struct {
-		name      string
-		opts      []dopt
-		setup     func(d *drv)
-		event     func(d *drv) Event
-		wantPhase Phase
-		want      []string
-	}
-	sig := func(t testing.TB) usersig.Secret { return sig24(t, "dev-42", start) }
-	cases := []tc{
-		{
-			name:      "Idle + login: dial",
-			event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)} },
-			wantPhase: PhaseDialing,
-			want:      []string{"persist", "emit onLoginStatusChanged:LOGINING", "emit onConnecting", "dial c1 dev-42"},
-		},
-		{
-			name:      "Idle + login with a bad UserSig: refused, nothing changes",
-			event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: usersig.NewSecret("garbage")} },
-			wantPhase: PhaseIdle,
-			want:      []string{"answer w1 70003"},
-		},
-		{
-			name:      "Idle + login with another user's UserSig: 70013",
-			event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig24(d.t, "someone", start)} },
-			wantPhase: PhaseIdle,
-			want:      []string{"answer w1 70013"},
-		},
-		{
-			name:      "Idle + logout: nothing to do",
-			event:     func(d *drv) Event { return EvLogout{Waiter: 1} },
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "answer w1 0"},
-		},
-		{
-			name:      "Dialing + dialed: send login",
-			setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
-			event:     func(d *drv) Event { return EvDialed{Conn: 1} },
-			wantPhase: PhaseRequesting,
-			want:      []string{"send c1 login exp=12:00"},
-		},
-		{
-			name:      "Dialing + refused: retry with backoff",
-			setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
-			event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: errors.New("connection refused")} },
-			wantPhase: PhaseWaitRetry,
-			want:      []string{"emit onConnectFailed:70169"},
-		},
-		{
-			name:      "Dialing + bad credentials at CONNECT: permanent",
-			setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
-			event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: refusal(4)} },
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "emit onConnectFailed:70003", "answer w1 70003", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:  "Requesting + login ok: online, answered after persist",
-			setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
-			event: func(d *drv) Event {
-				return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: okLogin("s1", sig(d.t), d.now.Wall)}
-			},
-			wantPhase: PhaseOnline,
-			want:      []string{"persist", "emit onConnectSuccess", "answer w1 0", "emit onLoginStatusChanged:LOGINED"},
-		},
-		{
-			name:  "Requesting + 70050: wait the minute on the same connection",
-			setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
-			event: func(d *drv) Event {
-				return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.TooManyFailures}}
-			},
-			wantPhase: PhaseWaitRetry,
-			want:      []string{"emit onConnectFailed:70050"},
-		},
-		{
-			name:  "Requesting + permanent code: LOGOUT",
-			setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
-			event: func(d *drv) Event {
-				return EvAnswered{Conn: 1, Req: d.lastSend(), Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.UserSigWrongKey}}
-			},
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "answer w1 70009", "close c1 goodbye", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:  "Requesting + no answer: abort so the broker publishes the Will",
-			setup: func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}); d.do(EvDialed{Conn: 1}) },
-			event: func(d *drv) Event {
-				return EvAnswered{Conn: 1, Req: d.lastSend(), Err: errors.New("context deadline exceeded")}
-			},
-			wantPhase: PhaseWaitRetry,
-			want:      []string{"abort c1", "emit onConnectFailed:70169"},
-		},
-		{
-			name:      "Online + connection lost: LOGINED, reconnecting",
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvConnLost{Conn: 1, Err: errors.New("EOF")} },
-			wantPhase: PhaseWaitRetry,
-			want:      []string{"emit onConnectFailed:70169"},
-		},
-		{
-			name:      "Online + kick for this session: LOGOUT, no relogin",
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}} },
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "close c1 goodbye", "emit onKickedOffline:6208", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:      "Online + kick with relogin policy: KickedWait",
-			opts:      []dopt{withRelogin()},
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}} },
-			wantPhase: PhaseKickedWait,
-			want:      []string{"persist", "close c1 goodbye", "emit onKickedOffline:6208", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:      "Online + kick for another session: ignored",
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s-old"}} },
-			wantPhase: PhaseOnline,
-		},
-		{
-			name:  "Online + usersig_expired without helper: LOGOUT 70001",
-			setup: func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event: func(d *drv) Event {
-				return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeUserSigExpire, Session: "s1"}}
-			},
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "emit onUserSigExpired:70001", "close c1 goodbye", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:  "Online + usersig_expired with helper: fetch, LOGINING",
-			opts:  []dopt{withHelper()},
-			setup: func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event: func(d *drv) Event {
-				return EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeUserSigExpire, Session: "s1"}}
-			},
-			wantPhase: PhaseFetching,
-			want:      []string{"persist", "emit onUserSigExpired:70001", "helper", "emit onLoginStatusChanged:LOGINING"},
-		},
-		{
-			name:      "Online + logout: persist the pending logout, send it, answer",
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
-			wantPhase: PhaseRequesting,
-			want:      []string{"persist", "send c1 logout s1", "answer w9 0", "emit onLoginStatusChanged:LOGOUT"},
-		},
-		{
-			name:      "Online + login as another user: log out first",
-			setup:     func(d *drv) { d.online("alice", sig24(d.t, "alice", start)) },
-			event:     func(d *drv) Event { return EvLogin{Waiter: 9, UserID: "bob", Sig: sig24(d.t, "bob", start)} },
-			wantPhase: PhaseRequesting,
-			want:      []string{"persist", "send c1 logout s1", "emit onLoginStatusChanged:LOGINING"},
-		},
-		{
-			name: "WaitRetry + logout: pending logout persisted, answered at once",
-			setup: func(d *drv) {
-				d.online("dev-42", sig(d.t))
-				d.do(EvConnLost{Conn: 1})
-			},
-			event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
-			wantPhase: PhaseDialing,
-			want:      []string{"persist", "emit onLoginStatusChanged:LOGOUT", "emit onConnecting", "dial c2 dev-42", "answer w9 0"},
-		},
-		{
-			name: "KickedWait + logout: the relogin is cancelled",
-			opts: []dopt{withRelogin()},
-			setup: func(d *drv) {
-				d.online("dev-42", sig(d.t))
-				d.do(EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}})
-			},
-			event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
-			wantPhase: PhaseIdle,
-			want:      []string{"persist", "answer w9 0"},
-		},
-		{
-			name:      "any + stop: goodbye, no logout",
-			setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
-			event:     func(d *drv) Event { return EvStop{} },
-			wantPhase: PhaseStopped,
-			want:      []string{"close c1 goodbye"},
-		},
-	}
-	for _, c := range cases {
+	for _, c := range transitionCases {
 		t.Run(c.name, func(t *testing.T) {
 			d := newDrv(t, c.opts...)
 			if c.setup != nil {
@@ -394,35 +397,42 @@ func refusal(rc byte) error {
 // checkInvariants: what must hold after every event.
 func checkInvariants(t testing.TB, m *machine) {
 	t.Helper()
+	if v := violation(m); v != "" {
+		t.Fatal(v)
+	}
+}
+
+func violation(m *machine) string {
 	s := m.status()
 	if s < client.Logined || s > client.Logout {
-		t.Fatalf("status %d is not 1, 2 or 3", s)
+		return fmt.Sprintf("status %d is not 1, 2 or 3", s)
 	}
 	switch m.phase {
 	case PhaseOnline:
-		if s != client.Logined || m.conn == 0 || m.st.Session == "" {
-			t.Fatalf("Online with status %s conn %d session %q", s, m.conn, m.st.Session)
+		if s != client.Logined || m.conn == 0 || !m.ready || m.st.Session == "" {
+			return fmt.Sprintf("Online with status %s conn %d ready %v session %q", s, m.conn, m.ready, m.st.Session)
 		}
 	case PhaseIdle, PhaseKickedWait:
 		if s != client.Logout || m.goal {
-			t.Fatalf("%s with status %s goal %v", m.phase, s, m.goal)
+			return fmt.Sprintf("%s with status %s goal %v", m.phase, s, m.goal)
 		}
 	case PhaseDialing:
-		if m.conn == 0 {
-			t.Fatal("Dialing without a connection id")
+		if m.conn == 0 || m.ready {
+			return fmt.Sprintf("Dialing with conn %d ready %v", m.conn, m.ready)
 		}
 	case PhaseRequesting:
-		if m.conn == 0 || m.req == nil {
-			t.Fatalf("Requesting with conn %d req %v", m.conn, m.req)
+		if m.conn == 0 || !m.ready || m.req == nil {
+			return fmt.Sprintf("Requesting with conn %d ready %v req %v", m.conn, m.ready, m.req)
 		}
 	}
 	if m.loginUser() != "" && s != client.Logined {
-		t.Fatal("getLoginUser returns a user while not logged in")
+		return "getLoginUser returns a user while not logged in"
 	}
 	if len(m.st.PendingLogouts) > maxPendingLogouts {
-		t.Fatalf("%d pending logouts", len(m.st.PendingLogouts))
+		return fmt.Sprintf("%d pending logouts", len(m.st.PendingLogouts))
 	}
 	if m.helper && !m.goal {
-		t.Fatal("the helper runs without a goal")
+		return "the helper runs without a goal"
 	}
+	return ""
 }
