@@ -257,8 +257,10 @@ func (c *Config) Check() []Problem {
 		}
 	}
 	if c.UserSigFile != "" {
+		// A careful operator removes the file once chatd holds the UserSig
+		// in its state: a warning, not an error.
 		if _, err := os.Stat(c.UserSigFile); err != nil {
-			bad("usersig_file", "%v", err)
+			warn("usersig_file", "%v: chatd logs in with the UserSig kept in its state database, if it has one", err)
 		}
 	}
 	if c.UserSigCommand != "" {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -824,5 +825,79 @@ func TestBadCommandOutput(t *testing.T) {
 	s := h.until("a clear error", func(s client.Status) bool { return s.LastError.Code != 0 })
 	if !strings.Contains(s.LastError.Message, "not a UserSig") {
 		t.Errorf("last error %+v", s.LastError)
+	}
+}
+
+// Run returns only after every goroutine it started has ended: once it
+// has returned, no goroutine runs the daemon's code.
+func TestRunEndsEveryGoroutine(t *testing.T) {
+	h := newHarness(t, nil, withCommand())
+	h.login("dev-42", sigFor(t, "dev-42", start, 2*time.Hour))
+	h.untilStatus(client.Logined, true)
+	h.gw.hold = make(chan struct{}) // a request that never gets its answer
+	h.cmdMu.Lock()                  // and a helper that hangs
+	h.gw.last().drop()
+	s := h.until("a retry", func(s client.Status) bool { return s.NextRetryAt != nil })
+	h.clock.Advance(s.NextRetryAt.Sub(h.clock.Now()) + time.Hour)
+	h.until("the login request in flight", func(client.Status) bool { return h.gw.received() >= 2 })
+	go func() { time.Sleep(100 * time.Millisecond); h.cmdMu.Unlock() }()
+	h.stop() // returns when Run has returned
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	for _, g := range strings.Split(stacks, "\n\n") {
+		if strings.Contains(g, "chatd/daemon.(*Daemon)") && !strings.Contains(g, "TestRunEndsEveryGoroutine") {
+			t.Errorf("a goroutine of the daemon outlives Run:\n%s", g)
+		}
+	}
+}
+
+// /v1/server-time is anchored on the monotonic clock: a step of the wall
+// clock after login does not move it; a persisted offset is not "known".
+func TestServerTimeSurvivesClockSteps(t *testing.T) {
+	store := storage.NewMemory()
+	store.Save(storage.State{InstanceID: "i", Status: int(client.Logout), ServerTimeOffset: time.Hour})
+	h := newHarness(t, store)
+	if st := h.d.ServerTime(); st.Known {
+		t.Errorf("known before any answer in this run: %+v", st)
+	}
+	h.login("dev-42", sigFor(t, "dev-42", start, 24*time.Hour))
+	h.untilStatus(client.Logined, true)
+	before := h.d.ServerTime()
+	if !before.Known || before.ServerTimeMs != start.UnixMilli() {
+		t.Fatalf("after login: %+v", before)
+	}
+	h.clock.Step(200 * 24 * time.Hour)
+	h.settle()
+	if after := h.d.ServerTime(); after.ServerTimeMs != before.ServerTimeMs {
+		t.Errorf("a wall-clock step moved the server time by %s", time.Duration(after.ServerTimeMs-before.ServerTimeMs)*time.Millisecond)
+	}
+	if s := h.d.Status(); s.LoginStatus != client.Logined || !s.Connected {
+		t.Errorf("after the step: %+v", s)
+	}
+}
+
+// Restarted without its usersig_file, chatd logs in from the state.
+func TestUserSigFileRemovedAfterFirstLogin(t *testing.T) {
+	dir := t.TempDir()
+	file := dir + "/usersig"
+	os.WriteFile(file, []byte(sigFor(t, "dev-7", start, 24*time.Hour).Reveal()+"\n"), 0o600)
+	store := storage.NewMemory()
+	cfgf := func(c *Config, h *harness) { c.UserID = "dev-7"; c.UserSigFile = file }
+	h := newHarness(t, store, cfgf)
+	h.untilStatus(client.Logined, true)
+	h.stop()
+	os.Remove(file)
+	cfg := DefaultConfig()
+	cfg.SDKAppID, cfg.UserID, cfg.UserSigFile = appID, "dev-7", file
+	for _, p := range cfg.Check() {
+		if p.Key == "usersig_file" && p.Fatal {
+			t.Errorf("a removed usersig_file is an error: %s", p)
+		}
+	}
+	h2 := newHarness(t, store, cfgf)
+	h2.gw.n = 1
+	s := h2.untilStatus(client.Logined, true)
+	if s.Session != "s1" {
+		t.Errorf("after restart: %+v", s)
 	}
 }
