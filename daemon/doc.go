@@ -53,7 +53,7 @@ package daemon
 //
 //	| from       | event                                                      | to         | effects, in order
 //	|------------|------------------------------------------------------------|------------|--------------------
-//	| Idle       | login: dial                                                | Dialing    | persist, emit LOGINING, emit onConnecting, dial
+//	| Idle       | login: dial                                                | Dialing    | emit LOGINING, emit onConnecting, dial
 //	| Idle       | login with a bad UserSig: refused, nothing changes         | Idle       | answer 70003
 //	| Idle       | login with another user's UserSig: 70013                   | Idle       | answer 70013
 //	| Idle       | logout: nothing to do                                      | Idle       | persist, answer 0

@@ -331,6 +331,7 @@ type machine struct {
 	// status and phase as the last batch left them, to report changes
 	lastStatus client.LoginStatus
 	lastPhase  Phase
+	since      time.Time // when the login status last changed (shown; persisted with the status)
 }
 
 // newMachine restores the machine from the persisted state and the config.
@@ -365,6 +366,7 @@ func newMachine(cfg machineConfig, st storage.State, found bool, initialSig user
 	}
 	m.sig, _ = decodeSig(m.st.UserSig)
 	m.lastStatus = client.LoginStatus(m.st.Status)
+	m.since = m.st.Since
 	m.lastPhase = PhaseIdle
 	// The config's user_id changed since the state was written (a state
 	// from before ConfigUserID was kept: the persisted identity differs).
@@ -400,7 +402,10 @@ func newMachine(cfg machineConfig, st storage.State, found bool, initialSig user
 		wait = max(0, min(wait, cfg.KickMaxDelay))
 		m.reloginAt = now.Mono + wait
 		m.setPhase(PhaseKickedWait, "restarted after a kick")
-	case cfg.ConfigUserID != "" && !m.st.LoggedOut && (m.st.UserID == "" || configChanged) && m.st.LastError.Code == 0:
+	case cfg.ConfigUserID != "" && !m.st.LoggedOut && m.st.LastError.Code == 0:
+		// The configured identity, not logged out deliberately, not
+		// stopped by a kick or a permanent code: a first start, or a login
+		// a restart interrupted.
 		m.autoLogin(initialSig, "configured")
 	default:
 		m.setPhase(PhaseIdle, "restarted logged out")
@@ -479,9 +484,12 @@ func (m *machine) handle(now Instant, ev Event) []Effect {
 // puts the Persist first when the durable state changed.
 func (m *machine) finish() []Effect {
 	status := m.reportStatus()
-	if int(status) != m.st.Status {
+	// LOGINING is not persisted: a login is durable when it succeeds (one
+	// commit per login), and a restart in the middle of one that was never
+	// acknowledged owes nobody anything.
+	if status != client.Logining && int(status) != m.st.Status && m.phase != PhaseStopped {
 		m.st.Status = int(status)
-		m.st.Since = m.now.Wall
+		m.st.Since = m.since
 		m.dirty = true
 	}
 	out := m.out
@@ -503,6 +511,7 @@ func (m *machine) reportStatus() client.LoginStatus {
 		m.lastPhase = m.phase
 	}
 	if status != m.lastStatus {
+		m.since = m.now.Wall
 		m.log(slog.LevelInfo, "login status "+m.lastStatus.String()+" -> "+status.String(), "user", m.st.UserID, "why", m.why)
 		m.emit(client.Event{Type: client.EventLoginStatusChanged, Status: status, UserID: m.loginUser(), Desc: m.why})
 		m.out = append(m.out, SetStatus{Line: m.statusLine()})
@@ -1000,17 +1009,17 @@ func (m *machine) startLogin(user string, sig usersig.Secret, why string) {
 		m.st.KickCount = 0
 		m.st.Session = ""
 	}
+	// Not marked dirty: the login's success commits all of it at once.
 	m.st.UserID = user
 	m.st.UserSig = sig
 	m.sig, _ = decodeSig(sig)
 	m.st.LoggedOut = false
 	m.st.ReloginAt = time.Time{}
+	m.st.LastError = storage.ErrorInfo{}
 	m.next, m.nextInfo = usersig.Secret{}, sigInfo{}
 	m.helperTries, m.renewFailed, m.notified, m.expiryNotice = 0, false, false, nil
 	m.attempt = 0
 	m.lastErr = storage.ErrorInfo{}
-	m.stopErr(0, "")
-	m.dirty = true
 	m.why = why
 	if m.conn != 0 && m.connUser != user && len(m.st.PendingLogouts) == 0 {
 		m.dropConn(true)

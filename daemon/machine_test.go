@@ -202,7 +202,7 @@ var transitionCases = []transitionCase{
 		name:      "Idle + login: dial",
 		event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)} },
 		wantPhase: PhaseDialing,
-		want:      []string{"persist", "emit onLoginStatusChanged:LOGINING", "emit onConnecting", "dial c1 dev-42"},
+		want:      []string{"emit onLoginStatusChanged:LOGINING", "emit onConnecting", "dial c1 dev-42"},
 	},
 	{
 		name:      "Idle + login with a bad UserSig: refused, nothing changes",

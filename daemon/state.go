@@ -40,7 +40,7 @@ func (d *Daemon) publish() {
 		ServerTimeOffset: m.offset().Milliseconds(),
 		ClockTrusted:     m.trusted(),
 		LastError:        client.ErrorInfo(m.lastErr),
-		Since:            m.st.Since,
+		Since:            m.since,
 		Instance:         m.st.InstanceID,
 		StatePersisted:   d.notPersist == "" && d.persistErr == nil,
 		PendingLogouts:   len(m.st.PendingLogouts),
