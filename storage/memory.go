@@ -1,18 +1,14 @@
 package storage
 
-import (
-	"slices"
-	"sync"
-)
+import "sync"
 
 // Memory is a Store that lives in memory only, with the same semantics as
-// Bolt (equal saves are skipped, the history is bounded, writes are
-// counted). It is for tests of the daemon.
+// Bolt (equal saves are skipped, writes are counted). It is for tests of
+// the daemon.
 type Memory struct {
 	mu     sync.Mutex
 	state  State
 	saved  bool
-	events []Event
 	writes uint64
 	closed bool
 }
@@ -32,7 +28,7 @@ func (m *Memory) Load() (State, error) {
 	if !m.saved {
 		return State{}, ErrNotFound
 	}
-	return m.state, nil
+	return cloneState(m.state), nil
 }
 
 // Save implements Store.
@@ -45,38 +41,9 @@ func (m *Memory) Save(s State) (bool, error) {
 	if m.saved && stateEqual(m.state, s) {
 		return false, nil
 	}
-	m.state, m.saved = s, true
+	m.state, m.saved = cloneState(s), true
 	m.writes++
 	return true, nil
-}
-
-// AppendEvent implements Store.
-func (m *Memory) AppendEvent(e Event) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return errClosed
-	}
-	m.events = append(m.events, e)
-	if over := len(m.events) - MaxEvents; over > 0 {
-		m.events = slices.Delete(m.events, 0, over)
-	}
-	m.writes++
-	return nil
-}
-
-// Events implements Store.
-func (m *Memory) Events(n int) ([]Event, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil, errClosed
-	}
-	if n <= 0 || len(m.events) == 0 {
-		return nil, nil
-	}
-	n = min(n, len(m.events))
-	return slices.Clone(m.events[len(m.events)-n:]), nil
 }
 
 // Writes implements Store.
