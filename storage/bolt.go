@@ -70,7 +70,8 @@ var errNotRegular = errors.New("not a regular file")
 
 // OpenBolt opens the state database at path, creating it (and its directory)
 // if needed. It fails with ErrLocked if another process has it open, and with
-// ErrNewerSchema if a newer chatd wrote it.
+// ErrNewerSchema if a newer chatd wrote it; Unavailable tells the errors of a
+// path that cannot be used at all.
 //
 // A damaged file costs no more than the damage: if its state record can be
 // read, the state is kept, in the file itself if bbolt checks it clean
@@ -511,6 +512,28 @@ func isTransient(err error) bool {
 	return false
 }
 
+// Unavailable reports whether err, from OpenBolt, means that the state
+// database cannot be used at all where it is: a read-only or failing file
+// system, a full one, missing permissions, a path that is not a file. The
+// daemon then runs on a Memory store rather than exit and be restarted
+// into the same failure. ErrLocked (another chatd runs) and ErrNewerSchema
+// are not: for those, running on would do harm.
+func Unavailable(err error) bool {
+	if err == nil || errors.Is(err, ErrLocked) || errors.Is(err, ErrNewerSchema) {
+		return false
+	}
+	for _, e := range []error{
+		syscall.EROFS, syscall.EACCES, syscall.EPERM, syscall.EIO, syscall.ENOSPC, syscall.EDQUOT,
+		syscall.ENOTDIR, syscall.EISDIR, syscall.ENAMETOOLONG, syscall.ELOOP, syscall.ENXIO,
+		syscall.ENODEV, syscall.EFBIG, syscall.ETXTBSY, errNotRegular,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
 // extend grows the file at path to size bytes; the pages added are free
 // pages, which bbolt writes before it reads them.
 func extend(path string, size int64) error {
@@ -645,6 +668,37 @@ func syncDir(path string) {
 		_ = d.Sync()
 		_ = d.Close()
 	}
+}
+
+// ReadState reads the state record of the database file at path with plain
+// reads, without opening it for writing, taking its lock or changing it.
+// It is for a daemon whose state directory cannot be written (Unavailable):
+// it can still start from the state the file holds. It returns ErrNotFound
+// if the file holds no state, ErrNewerSchema if a newer chatd wrote it.
+func ReadState(path string) (State, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return State{}, fmt.Errorf("reading state %s: %w", path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return State{}, fmt.Errorf("reading state %s: %w", path, err)
+	}
+	if fi.Size() == 0 {
+		return State{}, ErrNotFound
+	}
+	var st State
+	err = safely(func() error { st, err = readState(f, fi.Size(), path); return err })
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return State{}, ErrNotFound
+	case errors.Is(err, ErrNewerSchema):
+		return State{}, err
+	case err != nil:
+		return State{}, fmt.Errorf("reading state %s: %w", path, err)
+	}
+	return st, nil
 }
 
 // readState reads the state record of the bbolt file r with plain reads;

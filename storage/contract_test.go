@@ -299,3 +299,38 @@ func TestStateEqualPendingLogouts(t *testing.T) {
 		t.Error("stateEqual tells an empty PendingLogouts from nil; both store the same")
 	}
 }
+
+// TestMemoryFailWrites checks the write failure tests of the daemon inject.
+func TestMemoryFailWrites(t *testing.T) {
+	m := NewMemory()
+	st := sampleState()
+	if _, err := m.Save(st); err != nil {
+		t.Fatal(err)
+	}
+	full := errors.New("no space left on device")
+	m.FailWrites(full)
+
+	if wrote, err := m.Save(st); err != nil || wrote {
+		t.Errorf("Save() of the stored state while failing = %v, %v; want false, nil (nothing to write)", wrote, err)
+	}
+	changed := st
+	changed.LoggedOut = false
+	wrote, err := m.Save(changed)
+	if !errors.Is(err, full) || wrote {
+		t.Errorf("Save() of a changed state while failing = %v, %v; want false and the injected error", wrote, err)
+	}
+	if got, err := m.Load(); err != nil || !stateEqual(got, st) {
+		t.Errorf("Load() after a failed Save = %+v, %v; want the state saved before", got, err)
+	}
+	if got := m.Writes(); got != 1 {
+		t.Errorf("Writes() = %d after one good and one failed write, want 1", got)
+	}
+
+	m.FailWrites(nil)
+	if wrote, err := m.Save(changed); err != nil || !wrote {
+		t.Errorf("Save() after healing = %v, %v; want true, nil", wrote, err)
+	}
+	if got, err := m.Load(); err != nil || !stateEqual(got, changed) {
+		t.Errorf("Load() after healing = %+v, %v; want the changed state", got, err)
+	}
+}
