@@ -339,6 +339,8 @@ func inspect(f *os.File, path string, lockTimeout time.Duration) (inspection, er
 			return err
 		}
 		switch v, bucket, found, err := im.lookup(bucketMeta, keySchema); {
+		case errors.Is(err, errWrongKind):
+			structure = err
 		case err != nil:
 			schemaBroken = true
 			problems = append(problems, fmt.Errorf("reading the schema: %w", err))
@@ -355,6 +357,8 @@ func inspect(f *os.File, path string, lockTimeout time.Duration) (inspection, er
 			problems = append(problems, errors.New("meta bucket has no schema"))
 		}
 		switch v, _, found, err := im.lookup(bucketState, keyState); {
+		case errors.Is(err, errWrongKind):
+			structure = errors.Join(structure, err)
 		case err != nil:
 			problems = append(problems, fmt.Errorf("reading the state: %w", err))
 		case found:
@@ -366,7 +370,7 @@ func inspect(f *os.File, path string, lockTimeout time.Duration) (inspection, er
 			}
 		}
 		if err := im.checkLayout(); err != nil {
-			structure = err
+			structure = errors.Join(structure, err)
 		}
 		return nil
 	})
@@ -459,7 +463,10 @@ func boltCheck(path string, lockTimeout time.Duration, stateRaw []byte, stateFou
 
 	return db.View(func(tx *bolt.Tx) error {
 		err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
-			if bytes.Equal(name, bucketEvents) {
+			switch {
+			case b == nil:
+				return fmt.Errorf("top-level key %q is not a bucket", name)
+			case bytes.Equal(name, bucketEvents):
 				return nil
 			}
 			return walkBucket(b)

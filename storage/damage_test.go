@@ -234,6 +234,21 @@ func TestBoltDamage(t *testing.T) {
 			binary.LittleEndian.PutUint64(data[fl*ps+pageHeaderSize:], uint64(m.hwm+1000))
 			return data
 		}, salvaged},
+		{"MetaIsAValue", func(t *testing.T) []byte {
+			// bbolt reads this file, but could never write the schema.
+			data := bytes.Clone(valid)
+			flags, _ := rootElement(t, data, m, bucketMeta)
+			binary.LittleEndian.PutUint32(data[flags:], 0)
+			return data
+		}, salvaged},
+		{"CurrentIsABucket", func(t *testing.T) []byte {
+			// The state bucket is inline: its page sits in the root page's
+			// value, after the bucket header.
+			data := bytes.Clone(valid)
+			_, value := rootElement(t, data, m, bucketState)
+			binary.LittleEndian.PutUint32(data[value+inBucketSize+pageHeaderSize:], bucketLeaf)
+			return data
+		}, emptied},
 		{"Garbage", func(t *testing.T) []byte { return garbage }, emptied},
 		{"ShortGarbage", func(t *testing.T) []byte { return garbage[:100] }, emptied},
 		{"TextFile", func(t *testing.T) []byte { return []byte("user_sig=abc\n") }, emptied},
@@ -369,6 +384,25 @@ func TestBoltDamage(t *testing.T) {
 			assertMode(t, path, 0o600)
 		})
 	}
+}
+
+// rootElement returns the file offsets of the flags and of the value of
+// the element key on the root page.
+func rootElement(t *testing.T, data []byte, m pageMap, key []byte) (flags, value int) {
+	t.Helper()
+	base := m.root * m.ps
+	p := data[base : base+m.ps]
+	count := int(binary.LittleEndian.Uint16(p[10:]))
+	for i := range count {
+		off := pageHeaderSize + i*pageElementSize
+		kstart := off + int(binary.LittleEndian.Uint32(p[off+4:]))
+		ksize := int(binary.LittleEndian.Uint32(p[off+8:]))
+		if bytes.Equal(p[kstart:kstart+ksize], key) {
+			return base + off, base + kstart + ksize
+		}
+	}
+	t.Fatalf("no element %q on the root page %d", key, m.root)
+	return 0, 0
 }
 
 // trailingFree returns data cut inside its free pages at the end, which

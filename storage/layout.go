@@ -310,6 +310,10 @@ func forElements(p []byte, id uint64, fn func(element) error) error {
 // errStop ends a forElements walk early.
 var errStop = errors.New("stop")
 
+// errWrongKind is lookup's error for a bucket that is a value or a value
+// that is a bucket: bbolt reads such a file, but cannot write the record.
+var errWrongKind = errors.New("a value where a bucket belongs, or a bucket where a value belongs")
+
 // lookup returns a copy of the value of key in the top-level bucket named
 // bucket, reading only the pages on the way there. bucketFound and found
 // say whether the bucket and the key exist; err says why they could not be
@@ -320,7 +324,7 @@ var errStop = errors.New("stop")
 func (im *image) lookup(bucket, key []byte) (value []byte, bucketFound, found bool, err error) {
 	hdr, bucketFound, err := im.find(nil, le.Uint64(im.meta[16:]), bucket, true)
 	if err != nil || !bucketFound {
-		return nil, false, false, err
+		return nil, false, false, wrapKind(err, bucket)
 	}
 	if len(hdr) < inBucketSize {
 		return nil, true, false, fmt.Errorf("bucket %q has a %d-byte header", bucket, len(hdr))
@@ -332,9 +336,16 @@ func (im *image) lookup(bucket, key []byte) (value []byte, bucketFound, found bo
 	}
 	v, found, err := im.find(inline, root, key, false)
 	if err != nil {
-		return nil, true, false, fmt.Errorf("bucket %q: %w", bucket, err)
+		return nil, true, false, fmt.Errorf("bucket %q: %w", bucket, wrapKind(err, key))
 	}
 	return bytes.Clone(v), true, found, nil
+}
+
+func wrapKind(err error, key []byte) error {
+	if errors.Is(err, errWrongKind) {
+		return fmt.Errorf("%q: %w", key, err)
+	}
+	return err
 }
 
 // find searches the tree rooted at page root (or the inline page, if not
@@ -357,9 +368,10 @@ func (im *image) find(inline []byte, root uint64, key []byte, bucket bool) (valu
 			if !bytes.Equal(e.key, key) {
 				return nil
 			}
-			if e.bucket == bucket {
-				value, found = e.value, true
+			if e.bucket != bucket {
+				return errWrongKind
 			}
+			value, found = e.value, true
 			return errStop // like bbolt: the first element with the key decides
 		})
 	}
