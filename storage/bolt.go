@@ -49,6 +49,10 @@ type BoltOptions struct {
 	Logger *slog.Logger
 	// Now gives the time for the moved-aside name. Nil means time.Now.
 	Now func() time.Time
+
+	// noSync skips fsync, for tests that open thousands of databases
+	// (the fuzz target) and test nothing that a power cut would show.
+	noSync bool
 }
 
 // Bolt is the Store the daemon uses: one bbolt file, see the package
@@ -110,6 +114,7 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 
 	db, err := bolt.Open(path, 0o600, &bolt.Options{
 		Timeout:  opts.LockTimeout,
+		NoSync:   opts.noSync,
 		OpenFile: openPrivate(opts.Logger),
 		// InitialMmapSize stays 0: the map starts at 32 KiB and grows
 		// with the file, which 32-bit boards can afford.
@@ -595,7 +600,7 @@ func salvage(path string, st State, opts BoltOptions) (string, error) {
 		_ = os.Remove(tmp)
 		return "", err
 	}
-	db, err := bolt.Open(tmp, 0o600, &bolt.Options{Timeout: opts.LockTimeout, OpenFile: openPrivate(opts.Logger)})
+	db, err := bolt.Open(tmp, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoSync: opts.noSync, OpenFile: openPrivate(opts.Logger)})
 	if err != nil {
 		_ = os.Remove(tmp)
 		return "", err
