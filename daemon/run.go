@@ -47,19 +47,39 @@ func Main(ctx context.Context, cfg Config, o RunOptions) error {
 		}
 		return fmt.Errorf("%w: run chatd --check-config for details", ErrConfig)
 	}
-	store, err := storage.OpenBolt(cfg.StateDB, storage.BoltOptions{LockTimeout: 2 * time.Second, Logger: log})
-	if errors.Is(err, storage.ErrNewerSchema) {
+	var (
+		store      storage.Store
+		notPersist string
+	)
+	bolt, err := storage.OpenBolt(cfg.StateDB, storage.BoltOptions{LockTimeout: 2 * time.Second, Logger: log})
+	switch {
+	case errors.Is(err, storage.ErrNewerSchema):
 		return fmt.Errorf("%w: %v", ErrConfig, err)
-	}
-	if err != nil {
+	case err != nil && storage.Unavailable(err):
+		// A read-only or failing SD card must not make a crash loop: run
+		// on in memory, starting from what the file still holds.
+		notPersist = err.Error()
+		mem := storage.NewMemory()
+		if st, rerr := storage.ReadState(cfg.StateDB); rerr == nil {
+			mem.Save(st)
+		}
+		mem.FailWrites(err)
+		store = mem
+		log.Error("THE STATE DIRECTORY CANNOT BE WRITTEN; running on in-memory state: logins and logouts will not survive a restart", "path", cfg.StateDB, "err", err)
+	case err != nil:
 		return fmt.Errorf("opening the state database: %w", err)
-	}
-	defer store.Close()
-	if p := store.MovedAside(); p != "" {
-		log.Error("THE STATE DATABASE WAS UNREADABLE AND HAS BEEN MOVED ASIDE; starting clean: a credential is needed (usersig_file, usersig_command or chatctl login)", "moved_to", p, "path", cfg.StateDB)
+	default:
+		store = bolt
+		defer bolt.Close()
+		switch p := bolt.MovedAside(); {
+		case p != "" && bolt.Salvaged():
+			log.Error("the state database was damaged: its state was saved into a new file and the damaged one moved aside", "moved_to", p, "path", cfg.StateDB)
+		case p != "":
+			log.Error("THE STATE DATABASE WAS UNREADABLE AND HAS BEEN MOVED ASIDE; starting clean: a credential is needed (usersig_file, usersig_command or chatctl login)", "moved_to", p, "path", cfg.StateDB)
+		}
 	}
 
-	d, err := New(Options{Config: cfg, Store: store, Logger: log, OnStatus: o.OnStatus, Dialer: o.Dialer, Clock: o.Clock})
+	d, err := New(Options{Config: cfg, Store: store, Logger: log, OnStatus: o.OnStatus, Dialer: o.Dialer, Clock: o.Clock, StateNotPersisted: notPersist})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}

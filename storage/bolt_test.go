@@ -2,11 +2,11 @@ package storage
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -85,16 +85,12 @@ func writeRawDB(t *testing.T, path string, fill func(tx *bolt.Tx) error) {
 	}
 }
 
-// validDBBytes returns the bytes of a database with a state and a full
-// event history, several pages long, and how many of them bbolt uses (the
-// file is longer: bbolt grows it ahead of use).
-func validDBBytes(t testing.TB) (data []byte, used int) {
-	t.Helper()
-	return dbBytes(t, MaxEvents+20)
-}
-
-// dbBytes is validDBBytes with the given number of events.
-func dbBytes(t testing.TB, events int) (data []byte, used int) {
+// oldDBBytes returns the bytes of a database as an older chatd left it:
+// the state, and a login history of the given number of events in a bucket
+// of its own, one transaction each, so that it spans many pages and has
+// free pages. It also returns how many bytes bbolt uses (the file is
+// longer: bbolt grows it ahead of use).
+func oldDBBytes(t testing.TB, events int) (data []byte, used int) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "state.db")
 	b, err := OpenBolt(path, BoltOptions{})
@@ -105,7 +101,25 @@ func dbBytes(t testing.TB, events int) (data []byte, used int) {
 		t.Fatal(err)
 	}
 	for i := range events {
-		if err := b.AppendEvent(sampleEvent(i)); err != nil {
+		err := b.db.Update(func(tx *bolt.Tx) error {
+			bk, err := tx.CreateBucketIfNotExists(bucketEvents)
+			if err != nil {
+				return err
+			}
+			seq, err := bk.NextSequence()
+			if err != nil {
+				return err
+			}
+			v := fmt.Appendf(nil, `{"time":"2025-03-14T00:00:%02dZ","type":"event-%03d","code":%d,"message":"message %d","status":%d}`, i%60, i, i+1, i, i%3+1)
+			if err := bk.Put(binary.BigEndian.AppendUint64(nil, seq), v); err != nil {
+				return err
+			}
+			if seq > 256 { // the old history kept the newest 256
+				return bk.Delete(binary.BigEndian.AppendUint64(nil, seq-256))
+			}
+			return nil
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -122,6 +136,12 @@ func dbBytes(t testing.TB, events int) (data []byte, used int) {
 	return data, used
 }
 
+// validDBBytes is oldDBBytes with a history long enough for branch pages.
+func validDBBytes(t testing.TB) (data []byte, used int) {
+	t.Helper()
+	return oldDBBytes(t, 276)
+}
+
 func TestBoltPersists(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state.db")
 	want := sampleState()
@@ -131,11 +151,6 @@ func TestBoltPersists(t *testing.T) {
 	}
 	if _, err := b.Save(want); err != nil {
 		t.Fatal(err)
-	}
-	for i := range 3 {
-		if err := b.AppendEvent(sampleEvent(i)); err != nil {
-			t.Fatal(err)
-		}
 	}
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
@@ -152,13 +167,6 @@ func TestBoltPersists(t *testing.T) {
 	}
 	if got, want := got.UserSig.Reveal(), want.UserSig.Reveal(); got != want {
 		t.Errorf("UserSig after reopen = %q, want %q", got, want)
-	}
-	events, err := b.Events(MaxEvents)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff([]Event{sampleEvent(0), sampleEvent(1), sampleEvent(2)}, events); diff != "" {
-		t.Errorf("Events() after reopen (-want +got):\n%s", diff)
 	}
 
 	// Opening an existing database and saving what it holds must not touch
@@ -260,104 +268,6 @@ func assertNoAside(t *testing.T, path string) {
 	}
 	if len(matches) > 0 {
 		t.Errorf("files moved aside: %v", matches)
-	}
-}
-
-func TestBoltCorruptMovedAside(t *testing.T) {
-	valid, used := validDBBytes(t)
-	page := os.Getpagesize()
-	garbage := make([]byte, max(64<<10, used))
-	rand.NewChaCha8([32]byte{1}).Read(garbage)
-
-	writeBytes := func(data []byte) func(t *testing.T, path string) {
-		return func(t *testing.T, path string) {
-			if err := os.WriteFile(path, data, 0o600); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	tests := []struct {
-		name  string
-		write func(t *testing.T, path string)
-	}{
-		{"Garbage", writeBytes(garbage)},
-		{"ShortGarbage", writeBytes(garbage[:100])},
-		{"TextFile", writeBytes([]byte("user_sig=abc\n"))},
-		{"TruncatedToHalf", writeBytes(valid[:len(valid)/2])},
-		{"TruncatedToMetaPages", writeBytes(valid[:2*page])},
-		{"TruncatedInsideMeta", writeBytes(valid[:page+page/2])},
-		{"TruncatedOnePageShort", writeBytes(valid[:used-page])},
-		{"TruncatedOneByteShort", writeBytes(valid[:used-1])},
-		{"ZeroedMetaPages", writeBytes(append(make([]byte, 2*page), valid[2*page:]...))},
-		{"GarbageDataPages", writeBytes(overwrite(valid, 2*page, garbage[:used-2*page]))},
-		{"ZeroedDataPage", writeBytes(overwrite(valid, used-3*page, make([]byte, page)))},
-		{"MetaWithoutSchema", func(t *testing.T, path string) {
-			writeRawDB(t, path, func(tx *bolt.Tx) error {
-				_, err := tx.CreateBucket(bucketMeta)
-				return err
-			})
-		}},
-		{"UndecodableState", func(t *testing.T, path string) {
-			writeRawDB(t, path, func(tx *bolt.Tx) error {
-				meta, err := tx.CreateBucket(bucketMeta)
-				if err != nil {
-					return err
-				}
-				if err := meta.Put(keySchema, []byte("1")); err != nil {
-					return err
-				}
-				st, err := tx.CreateBucket(bucketState)
-				if err != nil {
-					return err
-				}
-				return st.Put(keyState, []byte("{not json"))
-			})
-		}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "state.db")
-			tt.write(t, path)
-			before, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			now := time.Date(2025, 7, 1, 12, 30, 45, 0, time.FixedZone("CEST", 2*3600))
-			wantAside := path + ".corrupt-20250701T103045Z"
-			var logs bytes.Buffer
-			b := openTestBolt(t, path, BoltOptions{
-				Logger: slog.New(slog.NewTextHandler(&logs, nil)),
-				Now:    func() time.Time { return now },
-			})
-
-			if got := b.MovedAside(); got != wantAside {
-				t.Errorf("MovedAside() = %q, want %q", got, wantAside)
-			}
-			moved, err := os.ReadFile(wantAside)
-			if err != nil {
-				t.Fatalf("reading the moved file: %v", err)
-			}
-			if !bytes.Equal(moved, before) {
-				t.Errorf("the moved-aside file differs from the unreadable one")
-			}
-			log := logs.String()
-			if !strings.Contains(log, "level=ERROR") || !strings.Contains(log, path) || !strings.Contains(log, wantAside) {
-				t.Errorf("log = %q, want an ERROR naming %s and %s", log, path, wantAside)
-			}
-			t.Logf("log: %s", log)
-
-			// The fresh database works.
-			if _, err := b.Load(); !errors.Is(err, ErrNotFound) {
-				t.Errorf("Load() from the fresh database: err = %v, want ErrNotFound", err)
-			}
-			if _, err := b.Save(sampleState()); err != nil {
-				t.Errorf("Save() to the fresh database: %v", err)
-			}
-			if _, err := b.Load(); err != nil {
-				t.Errorf("Load() after Save(): %v", err)
-			}
-			assertMode(t, path, 0o600)
-		})
 	}
 }
 
@@ -534,5 +444,56 @@ func TestBoltStoresCredentialButDoesNotLeakIt(t *testing.T) {
 		if !strings.Contains(out, "[redacted]") {
 			t.Errorf("%s of State = %s, want the UserSig shown as [redacted]", name, out)
 		}
+	}
+}
+
+// TestBoltDropsOldHistory opens a file with the login history older
+// versions wrote: it opens as it is, an unchanged Save leaves it alone, and
+// the first Save that writes deletes the history in its own commit.
+func TestBoltDropsOldHistory(t *testing.T) {
+	data, _ := oldDBBytes(t, 300)
+	path := filepath.Join(t.TempDir(), "state.db")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hasHistory := func(b *Bolt) bool {
+		var has bool
+		if err := b.db.View(func(tx *bolt.Tx) error { has = tx.Bucket(bucketEvents) != nil; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return has
+	}
+	before := txID(t, path)
+
+	b := openTestBolt(t, path, BoltOptions{})
+	st, err := b.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrote, err := b.Save(st); err != nil || wrote {
+		t.Fatalf("Save() of the loaded state = %v, %v; want false, nil", wrote, err)
+	}
+	if !hasHistory(b) || b.Writes() != 0 {
+		t.Errorf("after an unchanged Save: history kept %v, Writes() %d; want true, 0", hasHistory(b), b.Writes())
+	}
+	st.Status = 3
+	if wrote, err := b.Save(st); err != nil || !wrote {
+		t.Fatalf("Save() of a changed state = %v, %v; want true, nil", wrote, err)
+	}
+	if hasHistory(b) {
+		t.Error("the history is still there after a Save that wrote")
+	}
+	if got := b.Writes(); got != 1 {
+		t.Errorf("Writes() = %d, want 1: dropping the history must not cost a commit of its own", got)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := txID(t, path); got != before+1 {
+		t.Errorf("transaction id went from %d to %d, want one commit", before, got)
+	}
+	b = openTestBolt(t, path, BoltOptions{})
+	if got, err := b.Load(); err != nil || !stateEqual(got, st) {
+		t.Errorf("Load() after reopening = %+v, %v", got, err)
 	}
 }

@@ -2,9 +2,9 @@ package storage
 
 import (
 	"errors"
-	"fmt"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -32,16 +32,15 @@ func sampleState() State {
 		ServerTimeOffset: -1500 * time.Millisecond,
 		Since:            at,
 		KickCount:        2,
-	}
-}
-
-func sampleEvent(i int) Event {
-	return Event{
-		Time:    time.Date(2025, 3, 14, 0, 0, 0, 0, time.UTC).Add(time.Duration(i) * time.Second),
-		Type:    fmt.Sprintf("event-%03d", i),
-		Code:    i + 1,
-		Message: fmt.Sprintf("message %d", i),
-		Status:  i%3 + 1,
+		PendingLogouts: []PendingLogout{
+			{UserID: "device-41", Session: "sess-0a1b", UserSig: usersig.NewSecret("eJyrVkrOz0vOz0pNUbJSMjAyMDIyMDQ0NDA0")},
+			{UserID: "device-40", Session: "sess-99", UserSig: usersig.NewSecret("eJwrSS0uUbJSMjAyNjA2NDE0MDQxMzAx")},
+		},
+		LoggedOut:    true,
+		ConfigUserID: "device-41",
+		ReloginAt:    at.Add(90 * time.Second),
+		MachineID:    "5f1e2d3c4b5a69788796a5b4c3d2e1f0",
+		LastOnline:   time.Date(2026, 11, 30, 8, 0, 0, 0, time.UTC),
 	}
 }
 
@@ -127,78 +126,70 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 				t.Errorf("Load() returned the old UserSig")
 			}
 		}},
-		{"EventsBounded", func(t *testing.T, s Store) {
-			before := s.Writes()
-			const n = 300
-			for i := range n {
-				if err := s.AppendEvent(sampleEvent(i)); err != nil {
-					t.Fatalf("AppendEvent(%d): %v", i, err)
-				}
+		{"PendingLogoutsAreCopies", func(t *testing.T, s Store) {
+			st := sampleState()
+			if _, err := s.Save(st); err != nil {
+				t.Fatal(err)
 			}
-			if got := s.Writes() - before; got != n {
-				t.Errorf("Writes() grew by %d for %d events, want %d", got, n, n)
-			}
-			var want []Event
-			for i := n - MaxEvents; i < n; i++ {
-				want = append(want, sampleEvent(i))
-			}
-			got, err := s.Events(n)
+			st.PendingLogouts[0].Session = "changed by the caller after Save"
+			got, err := s.Load()
 			if err != nil {
 				t.Fatal(err)
 			}
-			if diff := cmp.Diff(want, got); diff != "" {
-				t.Errorf("Events(%d) after %d appends (-want +got):\n%s", n, n, diff)
+			got.PendingLogouts[1].UserID = "changed by the caller after Load"
+			again, err := s.Load()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(sampleState(), again, cmpState); diff != "" {
+				t.Errorf("stored state changed through a caller's slice (-want +got):\n%s", diff)
 			}
 		}},
-		{"EventsN", func(t *testing.T, s Store) {
-			if got, err := s.Events(10); err != nil || len(got) != 0 {
-				t.Errorf("Events(10) with no events = %v, %v; want none", got, err)
+		{"PendingLogoutsDelivered", func(t *testing.T, s Store) {
+			// The daemon drops a pending logout once the gateway has it:
+			// the stored UserSig must go with it.
+			st := sampleState()
+			if _, err := s.Save(st); err != nil {
+				t.Fatal(err)
 			}
-			var all []Event
-			for i := range 5 {
-				all = append(all, sampleEvent(i))
-				if err := s.AppendEvent(sampleEvent(i)); err != nil {
+			for _, pending := range [][]PendingLogout{st.PendingLogouts[1:], {}, nil} {
+				st.PendingLogouts = pending
+				wrote, err := s.Save(st)
+				if err != nil {
 					t.Fatal(err)
 				}
-			}
-			for _, tt := range []struct {
-				n    int
-				want []Event
-			}{
-				{n: -1, want: nil},
-				{n: 0, want: nil},
-				{n: 1, want: all[4:]},
-				{n: 3, want: all[2:]},
-				{n: 5, want: all},
-				{n: 6, want: all},
-				{n: 1000, want: all},
-			} {
-				t.Run(fmt.Sprint(tt.n), func(t *testing.T) {
-					got, err := s.Events(tt.n)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if diff := cmp.Diff(tt.want, got, cmpopts.EquateEmpty()); diff != "" {
-						t.Errorf("Events(%d) (-want +got):\n%s", tt.n, diff)
-					}
-				})
+				got, err := s.Load()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(pending, got.PendingLogouts, cmpState, cmpopts.EquateEmpty()); diff != "" {
+					t.Errorf("PendingLogouts after saving %d (-want +got):\n%s", len(pending), diff)
+				}
+				if len(pending) == 0 && got.PendingLogouts != nil {
+					t.Errorf("an empty PendingLogouts loads as %#v, want nil", got.PendingLogouts)
+				}
+				// {} after nil-equivalent: no write for the same content.
+				if len(pending) == 0 && st.PendingLogouts == nil && wrote {
+					t.Errorf("saving nil PendingLogouts after an empty one wrote")
+				}
 			}
 		}},
-		{"EventsAreCopies", func(t *testing.T, s Store) {
-			if err := s.AppendEvent(sampleEvent(1)); err != nil {
+		{"ZeroNewFields", func(t *testing.T, s Store) {
+			// What a state written before these fields existed loads as.
+			st := sampleState()
+			st.PendingLogouts, st.LoggedOut, st.ConfigUserID, st.ReloginAt, st.MachineID = nil, false, "", time.Time{}, ""
+			if _, err := s.Save(st); err != nil {
 				t.Fatal(err)
 			}
-			got, err := s.Events(1)
+			got, err := s.Load()
 			if err != nil {
 				t.Fatal(err)
 			}
-			got[0].Type = "changed by the caller"
-			again, err := s.Events(1)
-			if err != nil {
-				t.Fatal(err)
+			if diff := cmp.Diff(st, got, cmpState); diff != "" {
+				t.Errorf("Load() (-want +got):\n%s", diff)
 			}
-			if diff := cmp.Diff(sampleEvent(1), again[0]); diff != "" {
-				t.Errorf("stored event changed through a returned slice (-want +got):\n%s", diff)
+			if !got.ReloginAt.IsZero() {
+				t.Errorf("ReloginAt = %v, want the zero time", got.ReloginAt)
 			}
 		}},
 		{"Closed", func(t *testing.T, s Store) {
@@ -213,12 +204,6 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			}
 			if _, err := s.Save(sampleState()); !errors.Is(err, errClosed) {
 				t.Errorf("Save() after Close: err = %v, want errClosed", err)
-			}
-			if err := s.AppendEvent(sampleEvent(0)); !errors.Is(err, errClosed) {
-				t.Errorf("AppendEvent() after Close: err = %v, want errClosed", err)
-			}
-			if _, err := s.Events(1); !errors.Is(err, errClosed) {
-				t.Errorf("Events() after Close: err = %v, want errClosed", err)
 			}
 		}},
 	}
@@ -257,6 +242,10 @@ func TestStateEqualCoversAllFields(t *testing.T) {
 				x.Code++
 			case *usersig.Secret:
 				*x = usersig.NewSecret(x.Reveal() + "x")
+			case *bool:
+				*x = !*x
+			case *[]PendingLogout:
+				*x = append(slices.Clone(*x), PendingLogout{UserID: "u"})
 			default:
 				t.Fatalf("field %s has type %v: teach this test (and stateEqual, stateRecord) about it", f.Name, f.Type)
 			}
@@ -275,5 +264,74 @@ func TestStateEqualCoversAllFields(t *testing.T) {
 				t.Errorf("%s does not survive encodeState/decodeState", f.Name)
 			}
 		})
+	}
+}
+
+// TestStateEqualPendingLogouts checks each field of a pending logout, and
+// that the list's order counts.
+func TestStateEqualPendingLogouts(t *testing.T) {
+	base := sampleState()
+	tests := []struct {
+		name   string
+		change func(p []PendingLogout) []PendingLogout
+	}{
+		{"UserID", func(p []PendingLogout) []PendingLogout { p[0].UserID += "x"; return p }},
+		{"Session", func(p []PendingLogout) []PendingLogout { p[1].Session += "x"; return p }},
+		{"UserSig", func(p []PendingLogout) []PendingLogout {
+			p[0].UserSig = usersig.NewSecret(p[0].UserSig.Reveal() + "x")
+			return p
+		}},
+		{"Dropped", func(p []PendingLogout) []PendingLogout { return p[:1] }},
+		{"Order", func(p []PendingLogout) []PendingLogout { p[0], p[1] = p[1], p[0]; return p }},
+		{"Empty", func(p []PendingLogout) []PendingLogout { return nil }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			changed := base
+			changed.PendingLogouts = tt.change(slices.Clone(base.PendingLogouts))
+			if stateEqual(base, changed) {
+				t.Errorf("stateEqual ignores a change of the pending logouts' %s", tt.name)
+			}
+		})
+	}
+	empty, null := base, base
+	empty.PendingLogouts, null.PendingLogouts = []PendingLogout{}, nil
+	if !stateEqual(empty, null) {
+		t.Error("stateEqual tells an empty PendingLogouts from nil; both store the same")
+	}
+}
+
+// TestMemoryFailWrites checks the write failure tests of the daemon inject.
+func TestMemoryFailWrites(t *testing.T) {
+	m := NewMemory()
+	st := sampleState()
+	if _, err := m.Save(st); err != nil {
+		t.Fatal(err)
+	}
+	full := errors.New("no space left on device")
+	m.FailWrites(full)
+
+	if wrote, err := m.Save(st); err != nil || wrote {
+		t.Errorf("Save() of the stored state while failing = %v, %v; want false, nil (nothing to write)", wrote, err)
+	}
+	changed := st
+	changed.LoggedOut = false
+	wrote, err := m.Save(changed)
+	if !errors.Is(err, full) || wrote {
+		t.Errorf("Save() of a changed state while failing = %v, %v; want false and the injected error", wrote, err)
+	}
+	if got, err := m.Load(); err != nil || !stateEqual(got, st) {
+		t.Errorf("Load() after a failed Save = %+v, %v; want the state saved before", got, err)
+	}
+	if got := m.Writes(); got != 1 {
+		t.Errorf("Writes() = %d after one good and one failed write, want 1", got)
+	}
+
+	m.FailWrites(nil)
+	if wrote, err := m.Save(changed); err != nil || !wrote {
+		t.Errorf("Save() after healing = %v, %v; want true, nil", wrote, err)
+	}
+	if got, err := m.Load(); err != nil || !stateEqual(got, changed) {
+		t.Errorf("Load() after healing = %+v, %v; want the changed state", got, err)
 	}
 }

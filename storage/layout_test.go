@@ -12,10 +12,10 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// TestCheckFileAcceptsHealthyDatabases guards against the worst mistake
-// checkFile can make: calling a good database corrupt and moving the
+// TestInspectAcceptsHealthyDatabases guards against the worst mistake
+// inspect can make: calling a good database corrupt and moving the
 // device's credential aside.
-func TestCheckFileAcceptsHealthyDatabases(t *testing.T) {
+func TestInspectAcceptsHealthyDatabases(t *testing.T) {
 	put := func(b *bolt.Bucket, k string, size int) error {
 		return b.Put([]byte(k), bytes.Repeat([]byte{'v'}, size))
 	}
@@ -126,8 +126,14 @@ func TestCheckFileAcceptsHealthyDatabases(t *testing.T) {
 			if err := db.Close(); err != nil {
 				t.Fatal(err)
 			}
-			if err := checkFile(path, time.Second); err != nil {
-				t.Errorf("checkFile on a healthy database: %v", err)
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			ins, err := inspect(f, path, time.Second)
+			if err != nil || ins.verdict != fileHealthy {
+				t.Errorf("inspect on a healthy database: verdict %d, problem %v, err %v; want healthy", ins.verdict, ins.problem, err)
 			}
 		})
 	}
@@ -183,23 +189,44 @@ func TestCheckLayoutRejectsBadOffsets(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			data := bytes.Clone(valid)
 			tt.damage(data)
-			err := checkLayout(bytes.NewReader(data), ps, hwm)
+			im, err := readImage(bytes.NewReader(data), int64(len(data)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = im.checkLayout()
 			if err == nil {
 				t.Fatal("checkLayout accepted the damage")
 			}
 			t.Logf("checkLayout: %v", err)
 
-			// And OpenBolt survives it: moves the file aside, does not crash.
+			// And OpenBolt survives it: moves the file aside, does not
+			// crash, and keeps the state if it can still be read.
+			want, readErr := readState(bytes.NewReader(data), int64(len(data)), "sample")
 			path := filepath.Join(t.TempDir(), "state.db")
 			if err := os.WriteFile(path, data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			if b := openTestBolt(t, path, BoltOptions{}); b.MovedAside() == "" {
+			b := openTestBolt(t, path, BoltOptions{})
+			if b.MovedAside() == "" {
 				t.Error("OpenBolt kept the damaged database")
+			}
+			if b.Salvaged() != (readErr == nil) {
+				t.Errorf("Salvaged() = %v, but reading the state record gave %v", b.Salvaged(), readErr)
+			}
+			got, err := b.Load()
+			if readErr == nil && (err != nil || !stateEqual(got, want)) {
+				t.Errorf("Load() = %+v, %v; want the state record the damaged file held", got, err)
 			}
 		})
 	}
-	if err := checkLayout(bytes.NewReader(valid), ps, hwm); err != nil {
+	im, err := readImage(bytes.NewReader(valid), int64(len(valid)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if im.hwm != hwm {
+		t.Errorf("readImage: %d pages, bbolt %d", im.hwm, hwm)
+	}
+	if err := im.checkLayout(); err != nil {
 		t.Errorf("checkLayout on the undamaged database: %v", err)
 	}
 }

@@ -1,26 +1,36 @@
 package storage
 
 import (
-	"slices"
+	"fmt"
 	"sync"
 )
 
 // Memory is a Store that lives in memory only, with the same semantics as
-// Bolt (equal saves are skipped, the history is bounded, writes are
-// counted). It is for tests of the daemon.
+// Bolt (equal saves are skipped, writes are counted). It is for tests of
+// the daemon, and for a daemon whose state directory cannot be written.
 type Memory struct {
-	mu     sync.Mutex
-	state  State
-	saved  bool
-	events []Event
-	writes uint64
-	closed bool
+	mu        sync.Mutex
+	state     State
+	saved     bool
+	writes    uint64
+	closed    bool
+	failWrite error
 }
 
 var _ Store = (*Memory)(nil)
 
 // NewMemory returns an empty Memory store.
 func NewMemory() *Memory { return &Memory{} }
+
+// FailWrites makes every later Save that would write fail with err and
+// store nothing, as a full or read-only disk would; nil heals the store.
+// A Save of the state already stored still succeeds without writing, like
+// Bolt's, which does no I/O for it.
+func (m *Memory) FailWrites(err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.failWrite = err
+}
 
 // Load implements Store.
 func (m *Memory) Load() (State, error) {
@@ -32,7 +42,7 @@ func (m *Memory) Load() (State, error) {
 	if !m.saved {
 		return State{}, ErrNotFound
 	}
-	return m.state, nil
+	return cloneState(m.state), nil
 }
 
 // Save implements Store.
@@ -45,38 +55,12 @@ func (m *Memory) Save(s State) (bool, error) {
 	if m.saved && stateEqual(m.state, s) {
 		return false, nil
 	}
-	m.state, m.saved = s, true
+	if m.failWrite != nil {
+		return false, fmt.Errorf("saving state to memory: %w", m.failWrite)
+	}
+	m.state, m.saved = cloneState(s), true
 	m.writes++
 	return true, nil
-}
-
-// AppendEvent implements Store.
-func (m *Memory) AppendEvent(e Event) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return errClosed
-	}
-	m.events = append(m.events, e)
-	if over := len(m.events) - MaxEvents; over > 0 {
-		m.events = slices.Delete(m.events, 0, over)
-	}
-	m.writes++
-	return nil
-}
-
-// Events implements Store.
-func (m *Memory) Events(n int) ([]Event, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil, errClosed
-	}
-	if n <= 0 || len(m.events) == 0 {
-		return nil, nil
-	}
-	n = min(n, len(m.events))
-	return slices.Clone(m.events[len(m.events)-n:]), nil
 }
 
 // Writes implements Store.

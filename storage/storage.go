@@ -4,13 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"chatd/usersig"
 )
-
-// MaxEvents is how many events a Store keeps; appending more drops the oldest.
-const MaxEvents = 256
 
 var (
 	// ErrNotFound is returned by Store.Load when no state has been saved yet.
@@ -88,29 +86,16 @@ type PendingLogout struct {
 	UserSig usersig.Secret
 }
 
-// Event is one entry of the bounded login history.
-type Event struct {
-	Time    time.Time `json:"time"`
-	Type    string    `json:"type"`
-	Code    int       `json:"code,omitempty"`
-	Message string    `json:"message,omitempty"`
-	Status  int       `json:"status,omitempty"`
-}
-
 // Store is the daemon's persistent state. Memory and Bolt implement it with
 // the same semantics; both are safe for concurrent use.
 type Store interface {
 	// Load returns the saved state, or ErrNotFound before the first Save.
+	// The state is the caller's: changing it (its PendingLogouts too) does
+	// not change what is stored. An empty PendingLogouts loads as nil.
 	Load() (State, error)
 	// Save stores s. When s equals what is stored it writes nothing and
-	// returns wrote == false.
+	// returns wrote == false, nil.
 	Save(s State) (wrote bool, err error)
-	// AppendEvent adds e to the history, which keeps the newest MaxEvents
-	// events and drops the oldest.
-	AppendEvent(e Event) error
-	// Events returns the newest n events, oldest first; fewer if there are
-	// fewer, none if n <= 0.
-	Events(n int) ([]Event, error)
 	// Writes is the number of write transactions committed since the store
 	// was opened.
 	Writes() uint64
@@ -130,12 +115,33 @@ func stateEqual(a, b State) bool {
 		a.UserSigExpiresAt.Equal(b.UserSigExpiresAt) &&
 		a.ServerTimeOffset == b.ServerTimeOffset &&
 		a.Since.Equal(b.Since) &&
-		a.KickCount == b.KickCount
+		a.KickCount == b.KickCount &&
+		slices.EqualFunc(a.PendingLogouts, b.PendingLogouts, func(x, y PendingLogout) bool {
+			return x.UserID == y.UserID && x.Session == y.Session && x.UserSig.Equal(y.UserSig)
+		}) &&
+		a.LoggedOut == b.LoggedOut &&
+		a.ConfigUserID == b.ConfigUserID &&
+		a.ReloginAt.Equal(b.ReloginAt) &&
+		a.MachineID == b.MachineID &&
+		a.LastOnline.Equal(b.LastOnline)
+}
+
+// cloneState returns s with a PendingLogouts of its own (nil when empty), so
+// that neither the caller nor the store can change the other's copy.
+func cloneState(s State) State {
+	if len(s.PendingLogouts) == 0 {
+		s.PendingLogouts = nil
+	} else {
+		s.PendingLogouts = slices.Clone(s.PendingLogouts)
+	}
+	return s
 }
 
 // stateRecord is the stored form of State. Its UserSig is a plain string
 // because usersig.Secret marshals as "[redacted]"; the tags fix the file
-// format independently of the Go field names.
+// format independently of the Go field names. Fields added since the first
+// release (pending_logouts and after) are absent from older records and
+// decode as zero values; an older chatd ignores them.
 type stateRecord struct {
 	UserID           string    `json:"user_id"`
 	UserSig          string    `json:"user_sig"`
@@ -147,9 +153,28 @@ type stateRecord struct {
 	ServerTimeOffset int64     `json:"server_time_offset_ns"`
 	Since            time.Time `json:"since"`
 	KickCount        int       `json:"kick_count"`
+
+	PendingLogouts []pendingLogoutRecord `json:"pending_logouts,omitempty"`
+	LoggedOut      bool                  `json:"logged_out,omitempty"`
+	ConfigUserID   string                `json:"config_user_id,omitempty"`
+	ReloginAt      time.Time             `json:"relogin_at,omitzero"`
+	MachineID      string                `json:"machine_id,omitempty"`
+	LastOnline     time.Time             `json:"last_online,omitzero"`
+}
+
+// pendingLogoutRecord is the stored form of PendingLogout; its UserSig is
+// a plain string like stateRecord's.
+type pendingLogoutRecord struct {
+	UserID  string `json:"user_id"`
+	Session string `json:"session"`
+	UserSig string `json:"user_sig"`
 }
 
 func encodeState(s State) ([]byte, error) {
+	var pending []pendingLogoutRecord
+	for _, p := range s.PendingLogouts {
+		pending = append(pending, pendingLogoutRecord{UserID: p.UserID, Session: p.Session, UserSig: p.UserSig.Reveal()})
+	}
 	b, err := json.Marshal(stateRecord{
 		UserID:           s.UserID,
 		UserSig:          s.UserSig.Reveal(),
@@ -161,6 +186,12 @@ func encodeState(s State) ([]byte, error) {
 		ServerTimeOffset: int64(s.ServerTimeOffset),
 		Since:            s.Since,
 		KickCount:        s.KickCount,
+		PendingLogouts:   pending,
+		LoggedOut:        s.LoggedOut,
+		ConfigUserID:     s.ConfigUserID,
+		ReloginAt:        s.ReloginAt,
+		MachineID:        s.MachineID,
+		LastOnline:       s.LastOnline,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("encoding state: %w", err)
@@ -175,6 +206,10 @@ func decodeState(data []byte) (State, error) {
 	if err := json.Unmarshal(data, &r); err != nil {
 		return State{}, fmt.Errorf("decoding state: %w", err)
 	}
+	var pending []PendingLogout
+	for _, p := range r.PendingLogouts {
+		pending = append(pending, PendingLogout{UserID: p.UserID, Session: p.Session, UserSig: usersig.NewSecret(p.UserSig)})
+	}
 	return State{
 		UserID:           r.UserID,
 		UserSig:          usersig.NewSecret(r.UserSig),
@@ -186,21 +221,11 @@ func decodeState(data []byte) (State, error) {
 		ServerTimeOffset: time.Duration(r.ServerTimeOffset),
 		Since:            r.Since,
 		KickCount:        r.KickCount,
+		PendingLogouts:   pending,
+		LoggedOut:        r.LoggedOut,
+		ConfigUserID:     r.ConfigUserID,
+		ReloginAt:        r.ReloginAt,
+		MachineID:        r.MachineID,
+		LastOnline:       r.LastOnline,
 	}, nil
-}
-
-func encodeEvent(e Event) ([]byte, error) {
-	b, err := json.Marshal(e)
-	if err != nil {
-		return nil, fmt.Errorf("encoding event: %w", err)
-	}
-	return b, nil
-}
-
-func decodeEvent(data []byte) (Event, error) {
-	var e Event
-	if err := json.Unmarshal(data, &e); err != nil {
-		return Event{}, fmt.Errorf("decoding event: %w", err)
-	}
-	return e, nil
 }
