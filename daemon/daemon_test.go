@@ -901,3 +901,34 @@ func TestUserSigFileRemovedAfterFirstLogin(t *testing.T) {
 		t.Errorf("after restart: %+v", s)
 	}
 }
+
+// A failing state directory: chatd runs on, says so in the status, and a
+// logout that could not be persisted says so in its answer.
+func TestStateWriteFailureIsSurfaced(t *testing.T) {
+	store := storage.NewMemory()
+	h := newHarness(t, store)
+	h.login("dev-42", sigFor(t, "dev-42", start, 24*time.Hour))
+	h.untilStatus(client.Logined, true)
+	if s := h.d.Status(); !s.StatePersisted {
+		t.Fatalf("healthy store reported as not persisted: %+v", s)
+	}
+	store.FailWrites(errors.New("read-only file system"))
+	code, desc := h.d.Logout(context.Background())
+	if code != 0 || !strings.Contains(desc, "not persisted") || !strings.Contains(desc, "read-only file system") {
+		t.Errorf("logout answered %d %q", code, desc)
+	}
+	s := h.d.Status()
+	if s.StatePersisted || !strings.Contains(s.StateError, "read-only") || s.LoginStatus != client.Logout {
+		t.Errorf("status %+v", s)
+	}
+	var b strings.Builder
+	h.d.WriteMetrics(&b)
+	if !strings.Contains(b.String(), "chatd_state_persisted 0") || !strings.Contains(b.String(), "chatd_state_write_failures_total 1") {
+		t.Errorf("metrics:\n%s", b.String())
+	}
+	store.FailWrites(nil)
+	h.login("dev-42", sigFor(t, "dev-42", start, 24*time.Hour))
+	if s := h.d.Status(); !s.StatePersisted {
+		t.Errorf("after the store healed: %+v", s)
+	}
+}

@@ -442,6 +442,37 @@ func TestE2EStateDatabase(t *testing.T) {
 			t.Errorf("no loud log line:\n%s", b.p.Log())
 		}
 	})
+
+	t.Run("a read-only state directory: chatd runs on in memory and says so", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to mount a read-only tmpfs")
+		}
+		dir := filepath.Join(e.dir, "ro")
+		ro := filepath.Join(dir, "state")
+		os.MkdirAll(ro, 0o755)
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", ro).CombinedOutput(); err != nil {
+			t.Skipf("cannot mount a tmpfs here: %v %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", ro).Run() })
+		cfg := fmt.Sprintf("sdkappid = %s\nuser_id = \"dev-44\"\nbroker = %q\nusersig_command = %q\nstate_db = %q\nsocket = %q\n",
+			appID, e.broker, e.helper, filepath.Join(ro, "state.db"), filepath.Join(dir, "chatd.sock"))
+		os.WriteFile(filepath.Join(dir, "chatd.toml"), []byte(cfg), 0o644)
+		p := proctest.Start(t, proctest.Binary(t, "chatd"), "--config", filepath.Join(dir, "chatd.toml"))
+		c := client.New(filepath.Join(dir, "chatd.sock"))
+		var s client.Status
+		proctest.Wait(t, 20*time.Second, "LOGINED on in-memory state", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			s, _ = c.Status(ctx)
+			return s.LoginStatus == client.Logined && s.Connected
+		})
+		if s.StatePersisted || !strings.Contains(s.StateError, "read-only") {
+			t.Errorf("status does not say the state is not persisted: %+v", s)
+		}
+		if !strings.Contains(p.Log(), "CANNOT BE WRITTEN") {
+			t.Errorf("no loud log line:\n%s", p.Log())
+		}
+	})
 }
 
 // notifyListener stands in for systemd's notify socket.
