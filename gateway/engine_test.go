@@ -497,6 +497,7 @@ func FuzzHandleMessage(f *testing.F) {
 		g.SetPublisher(&pub)
 		g.HandleMessage(topic, payload)
 		g.Tick()
+		g.sendQueued()
 		user, inst, err := g.topics.ParseUp(topic)
 		for _, p := range pub.topics {
 			if err != nil || p != g.topics.Down(user, inst) {
