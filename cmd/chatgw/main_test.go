@@ -115,6 +115,11 @@ func TestServeConfigErrors(t *testing.T) {
 		{"bad policy", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--policy", "quad"}, "single, dual, triple or multi"},
 		{"too many instances", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--max-instances", "Linux=5"}, "1 to 3"},
 		{"admin not loopback", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--admin", "0.0.0.0:9000"}, "not loopback"},
+		{"guessable client id", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--broker", "tcp://127.0.0.1:1", "--client-id", "chatgw"}, "guessable"},
+		{"client id on the embedded broker", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--client-id", "chatgw-0123456789abcdef"}, "external broker only"},
+		{"grace on an external broker", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--broker", "tcp://127.0.0.1:1", "--expired-usersig-grace", "1h"}, "embedded broker only"},
+		{"bad grace", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--expired-usersig-grace", "soon"}, "positive duration"},
+		{"bad device rate", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--device-rate", "-1"}, "messages per second"},
 		{"unknown config key", []string{"serve", "--config", writeFile(t, "gw.toml", "sdkappid = 1\nkey_fiel = \"x\"\n")}, "key_fiel"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
