@@ -168,6 +168,9 @@ type authHook struct {
 
 	mu    sync.Mutex
 	conns map[*mochi.Client]*connState
+	// banned holds the devices (user + "/" + client id) cut off for
+	// flooding, until when they are refused.
+	banned map[string]time.Time
 }
 
 // connState is what the hook knows about one device connection.
@@ -198,7 +201,11 @@ var (
 	idRejected    = refusal{v3: packets.Err3ClientIdentifierNotValid, v5: packets.ErrClientIdentifierNotValid}
 	badCredential = refusal{v3: packets.ErrMalformedUsernameOrPassword, v5: packets.ErrBadUsernameOrPassword}
 	notAuthorized = refusal{v3: packets.Err3NotAuthorized, v5: packets.ErrNotAuthorized}
+	unavailable   = refusal{v3: packets.Err3ServerUnavailable, v5: packets.ErrServerBusy}
 )
+
+// floodBan is how long a device cut off for flooding is refused.
+func (h *authHook) floodBan() time.Duration { return 6 * h.opts.FloodWindow }
 
 func (r refusal) with(reason, msg string) *refusal { r.reason, r.msg = reason, msg; return &r }
 
@@ -235,6 +242,12 @@ func (h *authHook) check(cl *mochi.Client, pk packets.Packet) *refusal {
 	case code != 0 && code != codes.UserSigExpired:
 		return badCredential.with(refuseUserSig, "the MQTT password must be a UserSig for this user: "+codes.Describe(code))
 	}
+	h.mu.Lock()
+	until, banned := h.banned[user+"/"+cl.ID]
+	h.mu.Unlock()
+	if banned && h.opts.Now().Before(until) {
+		return unavailable.with(refuseFlooder, fmt.Sprintf("cut off for flooding until %s", until.Format(time.RFC3339)))
+	}
 	// A client id belongs to the user connected with it: another user's
 	// connection does not take it over.
 	if existing, ok := h.srv.Clients.Get(cl.ID); ok && !existing.Closed() && string(existing.Properties.Username) != user {
@@ -255,7 +268,7 @@ func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
 			code = r.v3
 		}
 		_ = h.srv.SendConnack(cl, code, false, nil)
-		return code
+		return fmt.Errorf("connection refused (CONNACK %#x): %s", code.Code, r.reason)
 	}
 	h.mu.Lock()
 	h.conns[cl] = &connState{conn: randomID(), bucket: bucket{tokens: float64(h.opts.RateLimit.Burst), last: h.opts.Now()}, username: string(pk.Connect.Username)}
@@ -327,6 +340,17 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 	if !allowed {
 		h.opts.stats.throttled.With("broker").Add(1)
 		if flood {
+			h.mu.Lock()
+			if h.banned == nil {
+				h.banned = map[string]time.Time{}
+			}
+			for k, until := range h.banned {
+				if now.After(until) {
+					delete(h.banned, k)
+				}
+			}
+			h.banned[cs.username+"/"+cl.ID] = now.Add(h.floodBan())
+			h.mu.Unlock()
 			h.opts.stats.disconnects.With("flood").Add(1)
 			h.opts.Logger.Warn("broker disconnected a flooding device", "remote", cl.Net.Remote, "client_id", cl.ID, "user", string(cl.Properties.Username),
 				"dropped", h.opts.FloodDrops, "within", h.opts.FloodWindow)

@@ -69,10 +69,12 @@ func (w *world) start() {
 	go func() { w.done <- Run(ctx, cfg) }()
 	select {
 	case addrs := <-ready:
-		w.broker = "tcp://" + addrs[0].String()
+		if addrs[0] != nil { // nil: an external broker
+			w.broker = "tcp://" + addrs[0].String()
+			// Restart on the same port next time.
+			w.cfg.EmbeddedBroker = addrs[0].String()
+		}
 		w.admin = "http://" + addrs[1].String()
-		// Restart on the same port next time.
-		w.cfg.EmbeddedBroker = addrs[0].String()
 		w.cfg.Admin = addrs[1].String()
 	case err := <-w.done:
 		w.t.Fatalf("gateway did not start: %v", err)

@@ -129,9 +129,10 @@ const (
 	refuseTaken       = "client_id_taken"
 	refuseReserved    = "client_id_reserved"
 	refusePersistent  = "persistent_session"
+	refuseFlooder     = "flooding"
 )
 
-var refuseReasons = []string{refuseUserID, refuseClientID, refuseUserSig, refuseLongExpired, refuseWill, refuseTaken, refuseReserved, refusePersistent}
+var refuseReasons = []string{refuseUserID, refuseClientID, refuseUserSig, refuseLongExpired, refuseWill, refuseTaken, refuseReserved, refusePersistent, refuseFlooder}
 
 func newStats(now func() time.Time, sessions func() (active, online int)) *stats {
 	st := &stats{
