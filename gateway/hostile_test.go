@@ -419,6 +419,11 @@ func TestHostileFloodEmbedded(t *testing.T) {
 			if r.failed > 0 || len(r.honest) == 0 {
 				t.Errorf("%d honest logins failed, %d succeeded", r.failed, len(r.honest))
 			}
+			// The broker may still be reading what the flooder queued.
+			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(r.metrics, `chatgw_broker_disconnects_total{reason="flood"} 1`+"\n") && time.Now().Before(deadline); {
+				time.Sleep(100 * time.Millisecond)
+				r.metrics = w.metrics()
+			}
 			for _, want := range []string{`chatgw_broker_disconnects_total{reason="flood"} 1`, `chatgw_broker_connected 1`} {
 				if !strings.Contains(r.metrics, want+"\n") {
 					t.Errorf("metrics lack %q:\n%s", want, grep(r.metrics, "chatgw_broker"))
