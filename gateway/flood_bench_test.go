@@ -45,7 +45,7 @@ func TestFloodLatencyRatio(t *testing.T) {
 		report(t, "embedded broker", unloaded, loaded)
 	})
 	t.Run("mosquitto", func(t *testing.T) {
-		w := startMosqWorld(t, mosquittotest.Config{})
+		w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 		dial := func(user, inst string) (*mqtt.Conn, string) { return w.dial(user, inst), w.sig(user, time.Hour) }
 		idle := mosqRawClient(t, w.b, "flooder", "idle")
 		unloaded := flood(t, w.world, idle, "chat/v1/up/flooder/idle", nil, 0, 6*time.Second, honest, dial)

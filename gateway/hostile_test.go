@@ -494,7 +494,7 @@ func mosqRawClient(t *testing.T, b *mosquittotest.Broker, user, clientID string)
 // On Mosquitto a device account that connects with the client id
 // "chatgw" (the old default) does not push the gateway off.
 func TestHostileGatewayClientIDMosquitto(t *testing.T) {
-	w := startMosqWorld(t, mosquittotest.Config{})
+	w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 	// Reconnecting in a loop, as mosquitto_sub does.
 	startAttacker(t, w.b.Host(), w.b.Port(), "bob", mosqUsers["bob"], "chatgw")
 	time.Sleep(2 * time.Second)
@@ -516,7 +516,7 @@ func TestHostileGatewayClientIDMosquitto(t *testing.T) {
 // Mosquitto lets %c be any client id the ACL can substitute, such as one
 // with a dot: the gateway drops what breaks the layout, on every broker.
 func TestHostileTopicIDsMosquitto(t *testing.T) {
-	w := startMosqWorld(t, mosquittotest.Config{})
+	w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 	c := mosqRawClient(t, w.b, "alice", "inst.x")
 	got := make(chan string, 4)
 	c.Subscribe("chat/v1/down/alice/inst.x", 1, func(_ paho.Client, m paho.Message) { got <- string(m.Payload()) }).WaitTimeout(5 * time.Second)
@@ -583,7 +583,7 @@ func TestHostilePresenceRace(t *testing.T) {
 		}
 	}
 	t.Run("mosquitto", func(t *testing.T) {
-		w := startMosqWorld(t, mosquittotest.Config{})
+		w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 		cycles(t, w.world, func() *mqtt.Conn { return w.dial("alice", "inst-a") })
 	})
 	t.Run("embedded", func(t *testing.T) {
@@ -596,7 +596,7 @@ func TestHostilePresenceRace(t *testing.T) {
 // One device floods on Mosquitto; honest devices still log in, the
 // flooder's messages are dropped at the gateway and counted.
 func TestHostileFloodMosquitto(t *testing.T) {
-	w := startMosqWorld(t, mosquittotest.Config{})
+	w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 	a := w.dial("alice", "inst-a")
 	res := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("alice", time.Hour)})
 	fl := mosqRawClient(t, w.b, "flooder", "f-1")
