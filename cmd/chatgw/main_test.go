@@ -235,6 +235,15 @@ func TestServeEmbeddedBroker(t *testing.T) {
 	if strings.Contains(g.Log(), testKeyText) {
 		t.Error("the key reached the log")
 	}
+	// docs/admin-api.md: how to tell chatgw serve is ready.
+	if !strings.Contains(g.Log(), `msg="gateway ready: subscribed to the device topics"`) {
+		t.Errorf("no readiness line in the log:\n%s", g.Log())
+	}
+	if resp, err := http.Get("http://" + admin + "/readyz"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("GET /readyz: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	var sessions struct {
 		Sessions []json.RawMessage `json:"sessions"`
 	}
