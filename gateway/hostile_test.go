@@ -611,3 +611,90 @@ func TestHostileFloodMosquitto(t *testing.T) {
 	}
 	victimIntact(t, w.world, a, res.Session)
 }
+
+// freezer forwards TCP to a broker until frozen; then it passes nothing and
+// closes nothing, like a device that lost power behind a NAT.
+type freezer struct {
+	ln     net.Listener
+	frozen atomic.Bool
+}
+
+func startFreezer(t *testing.T, target string) *freezer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &freezer{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			t.Cleanup(func() { c.Close(); s.Close() })
+			pipe := func(dst, src net.Conn) {
+				buf := make([]byte, 4096)
+				for {
+					n, err := src.Read(buf)
+					if err != nil {
+						return
+					}
+					if f.frozen.Load() {
+						continue
+					}
+					if _, err := dst.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}
+			go pipe(s, c)
+			go pipe(c, s)
+		}
+	}()
+	return f
+}
+
+// The presence timing docs/protocol.md promises for Mosquitto: a device that
+// goes silent is marked offline 1.5 keepalives later, plus up to 6 s.
+func TestPresenceTimingMosquitto(t *testing.T) {
+	w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
+	f := startFreezer(t, w.b.Addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const keepalive = 2 * time.Second
+	c, err := mqtt.Dial(ctx, mqtt.DialOptions{Brokers: []string{"tcp://" + f.ln.Addr().String()}, UserID: "alice", Instance: "inst-a",
+		Username: "alice", Password: mosqUsers["alice"], KeepAlive: keepalive})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(false)
+	res := request(t, c, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("alice", time.Hour)})
+	if res.Code != 0 {
+		t.Fatalf("login: %+v", res)
+	}
+	f.frozen.Store(true)
+	start := time.Now()
+	for {
+		u := w.user("alice")
+		if len(u.Sessions) == 1 && !u.Sessions[0].Online {
+			break
+		}
+		if time.Since(start) > 30*time.Second {
+			t.Fatal("the silent device was not marked offline within 30 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	took := time.Since(start)
+	lo, hi := keepalive*3/2, keepalive*3/2+6*time.Second+time.Second // a second for the gateway
+	t.Logf("marked offline %s after the device went silent (keepalive %s; documented %s to %s)", took.Round(10*time.Millisecond), keepalive, lo, hi-time.Second)
+	if took < lo-100*time.Millisecond || took > hi {
+		t.Errorf("marked offline after %s, outside the documented %s to %s", took, lo, hi-time.Second)
+	}
+}
