@@ -19,7 +19,7 @@ func TestFloodLatencyRatio(t *testing.T) {
 	if os.Getenv(FloodBenchEnv) != "1" {
 		t.Skipf("a benchmark: set %s=1 to run it", FloodBenchEnv)
 	}
-	const honest = 60
+	const honest = 150
 	report := func(t *testing.T, name string, unloaded, loaded floodResult) {
 		ratio := float64(loaded.p(0.99)) / float64(unloaded.p(0.99))
 		t.Logf("%s: unloaded p50 %s p99 %s; flooded (%d msgs sent) p50 %s p99 %s, %d failed; p99 ratio %.2f (goal <= 2)",
@@ -36,21 +36,21 @@ func TestFloodLatencyRatio(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		unloaded := flood(t, w, idle, "chat/v1/up/flooder/idle", nil, 0, 6*time.Second, honest, dial)
+		unloaded := flood(t, w, idle, "chat/v1/up/flooder/idle", nil, 0, 10*time.Second, honest, dial)
 		fl, err := rawClient(t, w.broker, "flooder", "f-1", sig)
 		if err != nil {
 			t.Fatal(err)
 		}
-		loaded := flood(t, w, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}), 10000, 6*time.Second, honest, dial)
+		loaded := flood(t, w, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}), 10000, 10*time.Second, honest, dial)
 		report(t, "embedded broker", unloaded, loaded)
 	})
 	t.Run("mosquitto", func(t *testing.T) {
 		w := startMosqWorld(t, mosquittotest.Config{Shipped: true})
 		dial := func(user, inst string) (*mqtt.Conn, string) { return w.dial(user, inst), w.sig(user, time.Hour) }
 		idle := mosqRawClient(t, w.b, "flooder", "idle")
-		unloaded := flood(t, w.world, idle, "chat/v1/up/flooder/idle", nil, 0, 6*time.Second, honest, dial)
+		unloaded := flood(t, w.world, idle, "chat/v1/up/flooder/idle", nil, 0, 10*time.Second, honest, dial)
 		fl := mosqRawClient(t, w.b, "flooder", "f-1")
-		loaded := flood(t, w.world, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin}), 10000, 6*time.Second, honest, dial)
+		loaded := flood(t, w.world, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin}), 10000, 10*time.Second, honest, dial)
 		report(t, "Mosquitto", unloaded, loaded)
 	})
 }

@@ -451,7 +451,7 @@ type mosqWorld struct {
 
 var mosqUsers = func() map[string]string {
 	m := map[string]string{"chatgw": "gw-secret", "alice": "alice-pw", "bob": "bob-pw", "flooder": "flood-pw"}
-	for i := range 60 {
+	for i := range 150 {
 		m[fmt.Sprintf("honest%d", i)] = "honest-pw"
 	}
 	return m
@@ -696,5 +696,35 @@ func TestPresenceTimingMosquitto(t *testing.T) {
 	t.Logf("marked offline %s after the device went silent (keepalive %s; documented %s to %s)", took.Round(10*time.Millisecond), keepalive, lo, hi-time.Second)
 	if took < lo-100*time.Millisecond || took > hi {
 		t.Errorf("marked offline after %s, outside the documented %s to %s", took, lo, hi-time.Second)
+	}
+}
+
+// A device that invents instance ids (a new client id per connection, one
+// login each) leaves a bounded amount of state behind.
+func TestHostileInventedInstances(t *testing.T) {
+	w := startWorld(t, nil)
+	sig := w.sig("mallory", time.Hour)
+	const n = 100
+	for i := range n {
+		c := w.dial("mallory", fmt.Sprintf("made-up-%d", i), sig)
+		if r := request(t, c, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}); r.Code != 0 {
+			t.Fatalf("login %d: %+v", i, r)
+		}
+		c.Close(i%2 == 0) // some say goodbye first, so the next login kicks them while offline
+	}
+	var all struct {
+		Sessions []Session `json:"sessions"`
+	}
+	w.getJSON("/v1/sessions", &all)
+	if len(all.Sessions) != 1 {
+		t.Errorf("%d active sessions, want 1", len(all.Sessions))
+	}
+	m := w.metrics()
+	for kind, atLeast := range map[string]int{"tombstone": n - 1 - 32, "instance_flag": 1} {
+		var got int
+		fmt.Sscanf(grep(m, `chatgw_state_evicted_total{kind="`+kind+`"}`), `chatgw_state_evicted_total{kind="`+kind+`"} %d`, &got)
+		if got < atLeast {
+			t.Errorf("evicted %s = %d, want at least %d:\n%s", kind, got, atLeast, grep(m, "evicted"))
+		}
 	}
 }
