@@ -26,10 +26,10 @@ test: ## Fast pure-Go tests; needs nothing installed (skips what needs Mosquitto
 deps: apt-deps npm-deps ## Install what `make check` needs (Debian packages, the npm package).
 
 # Debian packages the tests use: Mosquitto and its clients for the
-# integration tests, a C toolchain for the race detector (cgo), curl for the
+# integration tests, prometheus for promtool (the metrics check), a C toolchain for the race detector (cgo), curl for the
 # end-to-end tests, QEMU for the ARM runs. As root they are installed with
 # apt-get; otherwise the exact command is printed.
-APT_PKGS := mosquitto mosquitto-clients gcc libc6-dev curl systemd qemu-user-static binfmt-support
+APT_PKGS := mosquitto mosquitto-clients prometheus gcc libc6-dev curl systemd qemu-user-static binfmt-support
 apt-deps:
 	@missing=""; for p in $(APT_PKGS); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -17,9 +17,11 @@ import (
 //	GET  /v1/users/{user}        one user's state (online/offline) and sessions
 //	POST /v1/users/{user}/kick   kick every session, invalidate older UserSigs
 //	GET  /metrics                Prometheus text format
-//	GET  /healthz                liveness
+//	GET  /healthz                liveness, and the broker connection
+//	GET  /readyz                 200 once devices get answers, 503 before
 //
-// It has no authentication: serve it on a Unix socket or loopback only.
+// docs/admin-api.md documents every endpoint. It has no authentication:
+// serve it on a Unix socket or loopback only.
 func (g *Gateway) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
@@ -49,6 +51,10 @@ func (g *Gateway) AdminHandler() http.Handler {
 	})
 	mux.HandleFunc("POST /v1/users/{user}/kick", func(w http.ResponseWriter, r *http.Request) {
 		n, at, err := g.Kick(r.PathValue("user"))
+		if errors.Is(err, errUnwritten) {
+			writeJSON(w, http.StatusInternalServerError, map[string]any{"error": "kick not saved: " + err.Error() + "; its kicks go out once it is written"})
+			return
+		}
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, map[string]any{"error": err.Error()})
 			return
@@ -60,12 +66,41 @@ func (g *Gateway) AdminHandler() http.Handler {
 		g.WriteMetrics(w)
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+		writeJSON(w, http.StatusOK, g.health())
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		h := g.health()
+		code := http.StatusOK
+		if !h.Ready {
+			code = http.StatusServiceUnavailable
+		}
+		writeJSON(w, code, h)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, map[string]any{"error": fmt.Sprintf("no such endpoint %s %s; see GET /v1/sessions, GET /v1/users/{user}, POST /v1/users/{user}/kick, GET /metrics", r.Method, r.URL.Path)})
+		writeJSON(w, http.StatusNotFound, map[string]any{"error": fmt.Sprintf("no such endpoint %s %s; see GET /v1/sessions, GET /v1/users/{user}, POST /v1/users/{user}/kick, GET /metrics, GET /healthz, GET /readyz", r.Method, r.URL.Path)})
 	})
 	return mux
+}
+
+// health is the body of /healthz and /readyz.
+type health struct {
+	OK              bool `json:"ok"`
+	Ready           bool `json:"ready"`
+	BrokerConnected bool `json:"broker_connected"`
+	StateUnwritten  bool `json:"state_unwritten"`
+}
+
+func (g *Gateway) health() health {
+	h := health{OK: true, BrokerConnected: g.brokerUp.Load()}
+	select {
+	case <-g.subscribed:
+		h.Ready = h.BrokerConnected
+	default:
+	}
+	g.mu.Lock()
+	h.StateUnwritten = g.unwritten
+	g.mu.Unlock()
+	return h
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

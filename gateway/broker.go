@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"bytes"
-	"chatd/codes"
 	"context"
 	"fmt"
 	"io"
@@ -10,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"chatd/codes"
 
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
@@ -41,7 +42,24 @@ type EmbeddedOptions struct {
 	Key      usersig.Secret
 	Now      func() time.Time
 	Logger   *slog.Logger
+	// MaxExpiredAge: a UserSig that expired longer ago than this is refused
+	// at CONNECT (default 24 h); one that expired more recently is let in,
+	// so that the device hears 70001 in the protocol.
+	MaxExpiredAge time.Duration
+	// RateLimit is the per-connection rate of publishes (default
+	// DefaultRateLimit; Rate < 0 turns it off). Publishes over it are
+	// dropped; a connection with FloodDrops of them within FloodWindow is
+	// disconnected (defaults 100 and 10 s).
+	RateLimit   RateLimit
+	FloodDrops  int
+	FloodWindow time.Duration
+
+	stats *stats // the gateway's metrics; set by Run
 }
+
+// DefaultMaxExpiredAge is how long after its expiry a UserSig still gets
+// a device onto the embedded broker (to be told 70001).
+const DefaultMaxExpiredAge = 24 * time.Hour
 
 // StartEmbedded listens on opts.Addr and starts serving.
 func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
@@ -50,6 +68,21 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.MaxExpiredAge == 0 {
+		opts.MaxExpiredAge = DefaultMaxExpiredAge
+	}
+	if opts.RateLimit == (RateLimit{}) {
+		opts.RateLimit = DefaultRateLimit
+	}
+	if opts.FloodDrops == 0 {
+		opts.FloodDrops = 100
+	}
+	if opts.FloodWindow == 0 {
+		opts.FloodWindow = 10 * time.Second
+	}
+	if opts.stats == nil {
+		opts.stats = newStats(opts.Now, func() (int, int) { return 0, 0 })
 	}
 	ln, err := net.Listen("tcp", opts.Addr)
 	if err != nil {
@@ -66,7 +99,7 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		}(),
 	})
 	e := &Embedded{srv: srv, addr: ln.Addr(), pipe: newPipeListener(), clientID: "chatgw-" + randomID()}
-	hook := &authHook{opts: opts, internalID: e.clientID}
+	hook := &authHook{opts: opts, internalID: e.clientID, srv: srv, conns: map[*mochi.Client]*connState{}}
 	if err := srv.AddHook(hook, nil); err != nil {
 		ln.Close()
 		return nil, err
@@ -97,44 +130,162 @@ func (e *Embedded) BrokerOptions() BrokerOptions {
 // Close disconnects every client and stops the broker.
 func (e *Embedded) Close() error { return e.srv.Close() }
 
+func init() {
+	// mochi sends MQTT 5 reason codes that MQTT 3.1.1 does not define to
+	// 3.1.1 clients when it has no mapping: give it one for every CONNACK
+	// it can send, so a device only ever sees the codes 1 to 5.
+	for v5, v3 := range map[packets.Code]packets.Code{
+		packets.ErrUnspecifiedError:                   packets.Err3ClientIdentifierNotValid, // a persistent session without a client id
+		packets.ErrProtocolViolationProtocolName:      packets.Err3UnsupportedProtocolVersion,
+		packets.ErrProtocolViolationProtocolVersion:   packets.Err3UnsupportedProtocolVersion,
+		packets.ErrProtocolViolationReservedBit:       packets.Err3UnsupportedProtocolVersion,
+		packets.ErrProtocolViolationPasswordTooLong:   packets.ErrMalformedUsernameOrPassword,
+		packets.ErrProtocolViolationUsernameTooLong:   packets.ErrMalformedUsernameOrPassword,
+		packets.ErrProtocolViolationUsernameNoFlag:    packets.ErrMalformedUsernameOrPassword,
+		packets.ErrProtocolViolationFlagNoPassword:    packets.ErrMalformedUsernameOrPassword,
+		packets.ErrProtocolViolationPasswordNoFlag:    packets.ErrMalformedUsernameOrPassword,
+		packets.ErrProtocolViolationWillFlagNoPayload: packets.Err3NotAuthorized,
+		packets.ErrQosNotSupported:                    packets.Err3NotAuthorized,
+		packets.ErrRetainNotSupported:                 packets.Err3NotAuthorized,
+		packets.ErrServerBusy:                         packets.Err3ServerUnavailable,
+		packets.ErrNotAuthorized:                      packets.Err3NotAuthorized,
+	} {
+		if _, ok := packets.V5CodesToV3[v5]; !ok {
+			packets.V5CodesToV3[v5] = v3
+		}
+	}
+}
+
 // authHook lets devices in with a genuine UserSig for the UserID they
-// claim and confines each to its own two topics, like
-// build/mosquitto/acl does on Mosquitto.
+// claim, confines each to its own two topics (like build/mosquitto/acl on
+// Mosquitto), checks their Wills, keeps client ids to their users, and
+// rate-limits their publishes.
 type authHook struct {
 	mochi.HookBase
 	opts       EmbeddedOptions
 	internalID string
+	srv        *mochi.Server
+
+	mu    sync.Mutex
+	conns map[*mochi.Client]*connState
+	// banned holds the devices (user + "/" + client id) cut off for
+	// flooding, until when they are refused.
+	banned map[string]time.Time
+}
+
+// connState is what the hook knows about one device connection.
+type connState struct {
+	conn     string // the connection's id, set on everything it publishes
+	bucket   bucket
+	drops    int
+	since    time.Time // start of the current flood window
+	cutOff   bool
+	username string
 }
 
 func (h *authHook) ID() string { return "chatgw-auth" }
 
 func (h *authHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnWill, mochi.OnDisconnect}, []byte{b})
 }
 
+// refusal is a CONNACK refusal: its MQTT 3.1.1 return code (the MQTT 5
+// reason code for MQTT 5 clients), the metric's reason and a log message.
+type refusal struct {
+	v3, v5 packets.Code
+	reason string
+	msg    string
+}
+
+var (
+	idRejected    = refusal{v3: packets.Err3ClientIdentifierNotValid, v5: packets.ErrClientIdentifierNotValid}
+	badCredential = refusal{v3: packets.ErrMalformedUsernameOrPassword, v5: packets.ErrBadUsernameOrPassword}
+	notAuthorized = refusal{v3: packets.Err3NotAuthorized, v5: packets.ErrNotAuthorized}
+	unavailable   = refusal{v3: packets.Err3ServerUnavailable, v5: packets.ErrServerBusy}
+)
+
+// floodBan is how long a device cut off for flooding is refused.
+func (h *authHook) floodBan() time.Duration { return 6 * h.opts.FloodWindow }
+
+func (r refusal) with(reason, msg string) *refusal { r.reason, r.msg = reason, msg; return &r }
+
+// check decides about a device's CONNECT; nil lets it in.
+func (h *authHook) check(cl *mochi.Client, pk packets.Packet) *refusal {
+	user := string(pk.Connect.Username)
+	if err := mqtt.ValidateUserID(user); err != nil {
+		return badCredential.with(refuseUserID, "the MQTT username must be its UserID: "+err.Error())
+	}
+	if err := mqtt.ValidateInstanceID(cl.ID); err != nil {
+		return idRejected.with(refuseClientID, "the MQTT client id must be its instance id: "+err.Error())
+	}
+	if cl.ID == h.internalID {
+		return idRejected.with(refuseReserved, "the client id is the gateway's own")
+	}
+	if !pk.Connect.Clean {
+		return idRejected.with(refusePersistent, "devices connect with a clean session")
+	}
+	if pk.Connect.WillFlag {
+		if pk.Connect.WillTopic != h.opts.Topics.Up(user, cl.ID) {
+			return notAuthorized.with(refuseWill, fmt.Sprintf("the Will's topic %q is not the device's own up topic", pk.Connect.WillTopic))
+		}
+		if pk.Connect.WillRetain {
+			return notAuthorized.with(refuseWill, "the Will is retained")
+		}
+	}
+	// The UserSig must be genuine for this user. One that expired lately
+	// is let in so the device can be told 70001 in the protocol instead of
+	// a bare refusal; the gateway refuses the login itself.
+	t, err := usersig.Verify(string(pk.Connect.Password), h.opts.SDKAppID, h.opts.Key, user, h.opts.Now())
+	switch code := usersig.CodeOf(err); {
+	case code == codes.UserSigExpired && h.opts.Now().Sub(t.ExpiresAt()) > h.opts.MaxExpiredAge:
+		return notAuthorized.with(refuseLongExpired, fmt.Sprintf("the UserSig expired at %s, more than %s ago", t.ExpiresAt().Format(time.RFC3339), h.opts.MaxExpiredAge))
+	case code != 0 && code != codes.UserSigExpired:
+		return badCredential.with(refuseUserSig, "the MQTT password must be a UserSig for this user: "+codes.Describe(code))
+	}
+	h.mu.Lock()
+	until, banned := h.banned[user+"/"+cl.ID]
+	h.mu.Unlock()
+	if banned && h.opts.Now().Before(until) {
+		return unavailable.with(refuseFlooder, fmt.Sprintf("cut off for flooding until %s", until.Format(time.RFC3339)))
+	}
+	// A client id belongs to the user connected with it: another user's
+	// connection does not take it over.
+	if existing, ok := h.srv.Clients.Get(cl.ID); ok && !existing.Closed() && string(existing.Properties.Username) != user {
+		return idRejected.with(refuseTaken, "the client id is in use by another user")
+	}
+	return nil
+}
+
+func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
+	if cl.Net.Listener == internalListener {
+		return nil
+	}
+	if r := h.check(cl, pk); r != nil {
+		h.opts.stats.refused.With(r.reason).Add(1)
+		h.opts.Logger.Info("broker refused device", "remote", cl.Net.Remote, "client_id", cl.ID, "user", string(pk.Connect.Username), "reason", r.msg)
+		code := r.v5
+		if cl.Properties.ProtocolVersion < 5 {
+			code = r.v3
+		}
+		_ = h.srv.SendConnack(cl, code, false, nil)
+		return fmt.Errorf("connection refused (CONNACK %#x): %s", code.Code, r.reason)
+	}
+	h.mu.Lock()
+	h.conns[cl] = &connState{conn: randomID(), bucket: bucket{tokens: float64(h.opts.RateLimit.Burst), last: h.opts.Now()}, username: string(pk.Connect.Username)}
+	h.mu.Unlock()
+	return nil
+}
+
+// OnConnectAuthenticate lets in what OnConnect let through (mochi asks
+// OnConnect first and stops at its error).
 func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
 	if cl.Net.Listener == internalListener {
 		return true
 	}
-	user := string(pk.Connect.Username)
-	log := h.opts.Logger.With("remote", cl.Net.Remote, "client_id", cl.ID, "user", user)
-	if err := mqtt.ValidateUserID(user); err != nil {
-		log.Info("broker refused device: the MQTT username must be its UserID", "err", err)
-		return false
-	}
-	if err := mqtt.ValidateInstanceID(cl.ID); err != nil || cl.ID == h.internalID {
-		log.Info("broker refused device: the MQTT client id must be its instance id", "err", err)
-		return false
-	}
-	// The UserSig must be genuine for this user. An expired one is let in
-	// so the device can be told 70001 in the protocol instead of a bare
-	// "not authorised"; the gateway refuses the login itself.
-	_, err := usersig.Verify(string(pk.Connect.Password), h.opts.SDKAppID, h.opts.Key, user, h.opts.Now())
-	if code := usersig.CodeOf(err); code != 0 && code != codes.UserSigExpired {
-		log.Info("broker refused device: the MQTT password must be a UserSig for this user", "code", code, "err", err)
-		return false
-	}
-	return true
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.conns[cl]
+	return ok
 }
 
 func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
@@ -146,6 +297,96 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return topic == h.opts.Topics.Up(user, cl.ID)
 	}
 	return topic == h.opts.Topics.Down(user, cl.ID)
+}
+
+// OnPublish rate-limits a device's publishes, drops retained ones, and
+// stamps each with the connection's id.
+func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Listener == internalListener {
+		return pk, nil
+	}
+	h.mu.Lock()
+	cs, ok := h.conns[cl]
+	if !ok {
+		h.mu.Unlock()
+		return pk, packets.ErrRejectPacket
+	}
+	now := h.opts.Now()
+	allowed := true
+	if lim := h.opts.RateLimit; lim.Rate > 0 {
+		b := &cs.bucket
+		if d := now.Sub(b.last); d > 0 {
+			b.tokens = min(float64(lim.Burst), b.tokens+d.Seconds()*lim.Rate)
+			b.last = now
+		}
+		if b.tokens >= 1 {
+			b.tokens--
+		} else {
+			allowed = false
+		}
+	}
+	flood := false
+	if !allowed {
+		if now.Sub(cs.since) > h.opts.FloodWindow {
+			cs.since, cs.drops = now, 0
+		}
+		cs.drops++
+		if cs.drops >= h.opts.FloodDrops && !cs.cutOff {
+			cs.cutOff, flood = true, true
+		}
+	}
+	conn := cs.conn
+	h.mu.Unlock()
+	if !allowed {
+		h.opts.stats.throttled.With("broker").Add(1)
+		if flood {
+			h.mu.Lock()
+			if h.banned == nil {
+				h.banned = map[string]time.Time{}
+			}
+			for k, until := range h.banned {
+				if now.After(until) {
+					delete(h.banned, k)
+				}
+			}
+			h.banned[cs.username+"/"+cl.ID] = now.Add(h.floodBan())
+			h.mu.Unlock()
+			h.opts.stats.disconnects.With("flood").Add(1)
+			h.opts.Logger.Warn("broker disconnected a flooding device", "remote", cl.Net.Remote, "client_id", cl.ID, "user", string(cl.Properties.Username),
+				"dropped", h.opts.FloodDrops, "within", h.opts.FloodWindow)
+			_ = h.srv.DisconnectClient(cl, packets.ErrQuotaExceeded)
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	if pk.FixedHeader.Retain {
+		// A retained request would be carried out again at every
+		// resubscription of the gateway.
+		h.opts.stats.dropped(dropRetained)
+		return pk, packets.ErrRejectPacket
+	}
+	pk.Payload = mqtt.SetConn(pk.Payload, conn)
+	return pk, nil
+}
+
+// OnWill stamps the Will with the connection's id, so that it cannot mark
+// a session of a newer connection offline.
+func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error) {
+	if cl.Net.Listener == internalListener {
+		return will, nil
+	}
+	h.mu.Lock()
+	cs, ok := h.conns[cl]
+	h.mu.Unlock()
+	if ok {
+		will.Payload = mqtt.SetConn(will.Payload, cs.conn)
+	}
+	return will, nil
+}
+
+func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
+	h.mu.Lock()
+	delete(h.conns, cl)
+	h.mu.Unlock()
 }
 
 // pipeListener is a net.Listener whose connections come from Dial in the

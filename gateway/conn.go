@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"sync"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -15,8 +16,13 @@ import (
 
 // BrokerOptions say how the gateway reaches its broker.
 type BrokerOptions struct {
-	URL      string // tcp://, ssl://, ws:// ...; ignored when Dial is set
-	ClientID string // default "chatgw"
+	URL string // tcp://, ssl://, ws:// ...; ignored when Dial is set
+	// ClientID is the gateway's MQTT client id. Whoever knows it can
+	// connect with it and push the gateway off a broker that does not tie
+	// client ids to accounts (Mosquitto), so it must not be guessable.
+	// Empty: one made at random and kept in the state file, or a fresh
+	// random one without a state file (see ServeConfig).
+	ClientID string
 	Username string
 	Password string
 	TLS      *tls.Config
@@ -24,17 +30,24 @@ type BrokerOptions struct {
 	// in-process pipe).
 	Dial func(ctx context.Context) (net.Conn, error)
 	// QueueSize bounds the messages waiting for the gateway (default 4096);
-	// past it, new ones are dropped and counted rather than blocking the
+	// PerDeviceQueue bounds one device's share of them (default 8). Past
+	// either, new ones are dropped and counted rather than blocking the
 	// MQTT client.
-	QueueSize int
+	QueueSize      int
+	PerDeviceQueue int
+	// RateLimit is the per-device rate at the gateway, checked before the
+	// queue (default DefaultRateLimit; Rate < 0 turns it off).
+	RateLimit RateLimit
+	// PublishTimeout bounds one publish to the broker (default 5 s).
+	PublishTimeout time.Duration
 }
 
 type pahoPublisher struct{ c paho.Client }
 
 func (p pahoPublisher) Publish(topic string, qos byte, payload []byte) error {
+	// Bounded by the client's WriteTimeout. Do not wait for the
+	// acknowledgement: an immediate failure (not connected) is reported.
 	t := p.c.Publish(topic, qos, false, payload)
-	// Do not wait for the acknowledgement: the handler must not block.
-	// An immediate failure (not connected) is reported.
 	select {
 	case <-t.Done():
 		return t.Error()
@@ -43,17 +56,42 @@ func (p pahoPublisher) Publish(topic string, qos byte, payload []byte) error {
 	}
 }
 
+// inbound is a device message waiting for the gateway.
+type inbound struct {
+	topic   string
+	payload []byte
+	ack     func()
+}
+
 // Serve connects to the broker, subscribes to every device's up topic and
 // processes messages until ctx ends. It reconnects by itself; the
 // subscription is renewed on every connect.
+//
+// Messages reach the engine in the order each device sent them, one device
+// after the other (round robin); each is acknowledged to the broker only
+// once it is handled, so a broker that keeps the gateway's session
+// (Mosquitto) delivers again what a crashed gateway had not handled.
 func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	if bo.ClientID == "" {
-		bo.ClientID = "chatgw"
+		bo.ClientID = g.clientID
 	}
 	if bo.QueueSize == 0 {
 		bo.QueueSize = 4096
 	}
-	in := make(chan paho.Message, bo.QueueSize)
+	if bo.PerDeviceQueue == 0 {
+		bo.PerDeviceQueue = 8
+	}
+	if bo.RateLimit == (RateLimit{}) {
+		bo.RateLimit = DefaultRateLimit
+	}
+	if bo.PublishTimeout == 0 {
+		bo.PublishTimeout = 5 * time.Second
+	}
+	q := newFairQueue[inbound](bo.PerDeviceQueue, bo.QueueSize)
+	g.queue.Store(q)
+	lim := newLimiter(bo.RateLimit)
+	var limMu sync.Mutex
+
 	o := paho.NewClientOptions()
 	o.SetClientID(bo.ClientID)
 	o.SetUsername(bo.Username)
@@ -62,6 +100,7 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	o.SetKeepAlive(30 * time.Second)
 	o.SetPingTimeout(10 * time.Second)
 	o.SetConnectTimeout(10 * time.Second)
+	o.SetWriteTimeout(bo.PublishTimeout)
 	o.SetAutoReconnect(true)
 	o.SetConnectRetry(true)
 	o.SetConnectRetryInterval(time.Second)
@@ -69,7 +108,10 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	// A persistent session: on a broker that keeps sessions (Mosquitto), the
 	// requests devices send while the gateway restarts wait for it.
 	o.SetCleanSession(false)
-	o.SetOrderMatters(false)
+	// In order, and acknowledged by hand once handled. The handler never
+	// blocks: it only queues.
+	o.SetOrderMatters(true)
+	o.SetAutoAckDisabled(true)
 	if bo.Dial != nil {
 		o.AddBroker("tcp://embedded")
 		o.SetCustomOpenConnectionFn(func(*url.URL, paho.ClientOptions) (net.Conn, error) {
@@ -84,21 +126,47 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		o.AddBroker(bo.URL)
 	}
 	handler := func(_ paho.Client, m paho.Message) {
-		select {
-		case in <- m:
-		default:
-			g.stats.dropped("queue_full")
+		if m.Retained() {
+			// A retained message is an old one replayed by the broker at
+			// (re)subscription: carrying it out again would repeat it.
+			g.stats.dropped(dropRetained)
+			m.Ack()
+			return
+		}
+		user, instance, err := g.parseUp(m.Topic())
+		if err != nil {
+			g.stats.dropped(dropBadTopic)
+			m.Ack()
+			return
+		}
+		key := instKey(user, instance)
+		limMu.Lock()
+		ok := lim.allow(key, time.Now())
+		limMu.Unlock()
+		if !ok {
+			g.stats.dropped(dropRateLimited)
+			g.stats.throttled.With("gateway").Add(1)
+			m.Ack()
+			return
+		}
+		if !q.push(key, inbound{topic: m.Topic(), payload: m.Payload(), ack: m.Ack}) {
+			g.stats.dropped(dropQueueFull)
+			m.Ack()
 		}
 	}
 	filter := g.topics.UpFilter()
 	o.SetOnConnectHandler(func(c paho.Client) {
+		g.brokerUp.Store(true)
 		g.log.Info("connected to broker", "subscribing", filter)
 		// This handler runs in its own goroutine: retry until subscribed or
 		// the connection is gone (the next connect runs it again).
 		for c.IsConnectionOpen() {
 			t := c.Subscribe(filter, mqtt.QoSRequest, handler)
 			if t.WaitTimeout(10*time.Second) && t.Error() == nil {
-				g.subscribedOnce.Do(func() { close(g.subscribed) })
+				g.subscribedOnce.Do(func() {
+					g.log.Info("gateway ready: subscribed to the device topics", "filter", filter)
+					close(g.subscribed)
+				})
 				return
 			}
 			g.log.Error("subscribing failed; retrying", "filter", filter, "err", t.Error())
@@ -106,6 +174,7 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		}
 	})
 	o.SetConnectionLostHandler(func(_ paho.Client, err error) {
+		g.brokerUp.Store(false)
 		g.log.Warn("lost the broker connection; reconnecting", "err", err)
 	})
 	c := paho.NewClient(o)
@@ -119,20 +188,24 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		}
 	}()
 	timersDone := make(chan error, 1)
+	senderDone := make(chan struct{})
 	tctx, cancelTimers := context.WithCancel(ctx)
 	go func() { timersDone <- g.RunTimers(tctx) }()
+	go func() { g.runSender(tctx); close(senderDone) }()
 	defer func() {
 		cancelTimers()
 		<-timersDone
+		<-senderDone
 		c.Disconnect(250)
+		g.brokerUp.Store(false)
 		g.SetPublisher(nil)
 	}()
 	for {
-		select {
-		case <-ctx.Done():
+		m, ok := q.pop(ctx)
+		if !ok {
 			return nil
-		case m := <-in:
-			g.HandleMessage(m.Topic(), m.Payload())
 		}
+		g.HandleMessage(m.topic, m.payload)
+		m.ack()
 	}
 }

@@ -69,10 +69,12 @@ func (w *world) start() {
 	go func() { w.done <- Run(ctx, cfg) }()
 	select {
 	case addrs := <-ready:
-		w.broker = "tcp://" + addrs[0].String()
+		if addrs[0] != nil { // nil: an external broker
+			w.broker = "tcp://" + addrs[0].String()
+			// Restart on the same port next time.
+			w.cfg.EmbeddedBroker = addrs[0].String()
+		}
 		w.admin = "http://" + addrs[1].String()
-		// Restart on the same port next time.
-		w.cfg.EmbeddedBroker = addrs[0].String()
 		w.cfg.Admin = addrs[1].String()
 	case err := <-w.done:
 		w.t.Fatalf("gateway did not start: %v", err)
@@ -368,12 +370,15 @@ func TestEmbeddedBadInput(t *testing.T) {
 		name    string
 		payload []byte
 		want    string // substring of the error's desc; "" = no reply
+		id      string // the id the error must echo
 	}{
-		{"not JSON", []byte("{{{"), "bad protocol message"},
-		{"no type", []byte(`{"id":"1"}`), "no \"type\""},
-		{"unknown type", []byte(`{"type":"teleport","id":"2"}`), "unknown message type"},
-		{"oversized", []byte(`{"type":"login","user_sig":"` + strings.Repeat("x", 20000) + `"}`), "limit is"},
-		{"empty", nil, ""},
+		{"not JSON", []byte("{{{"), "bad protocol message", ""},
+		{"no type", []byte(`{"id":"1"}`), "no \"type\"", "1"},
+		{"unknown type", []byte(`{"type":"teleport","id":"2"}`), "unknown message type", "2"},
+		{"type not a string", []byte(`{"type":5,"id":"3"}`), `field "type" must be a string`, "3"},
+		{"code not a number", []byte(`{"type":"login","id":"4","code":"x"}`), `field "code" must be a number`, "4"},
+		{"oversized", []byte(`{"type":"login","user_sig":"` + strings.Repeat("x", 20000) + `"}`), "limit is", ""},
+		{"empty", nil, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			raw.Publish("chat/v1/up/alice/inst-raw", 1, false, tc.payload).WaitTimeout(5 * time.Second)
@@ -382,8 +387,13 @@ func TestEmbeddedBadInput(t *testing.T) {
 			}
 			select {
 			case r := <-replies:
-				if r.Type != mqtt.TypeError || r.Code != 6017 || !strings.Contains(r.Desc, tc.want) {
-					t.Errorf("reply %+v, want error 6017 mentioning %q", r, tc.want)
+				if r.Type != mqtt.TypeError || r.Code != 6017 || !strings.Contains(r.Desc, tc.want) || r.ID != tc.id {
+					t.Errorf("reply %+v, want error 6017 with id %q mentioning %q", r, tc.id, tc.want)
+				}
+				for _, goWord := range []string{"Go ", "struct", "mqtt.Message", "int64", "unmarshal"} {
+					if strings.Contains(r.Desc, goWord) {
+						t.Errorf("desc %q shows Go internals (%q)", r.Desc, goWord)
+					}
 				}
 			case <-time.After(5 * time.Second):
 				t.Error("no reply")

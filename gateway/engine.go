@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"chatd/mqtt"
@@ -22,6 +23,9 @@ type Session struct {
 	ExpiresAt time.Time `json:"usersig_expires_at"` // the UserSig's expiry
 	Online    bool      `json:"online"`
 	LastSeen  time.Time `json:"last_seen"`
+	// Conn is the device connection that logged in or last resumed the
+	// session, when the device names its connections (mqtt.Message.Conn).
+	Conn string `json:"conn,omitempty"`
 
 	EndedAt   time.Time `json:"ended_at,omitzero"`
 	EndReason string    `json:"end_reason,omitempty"` // one of the End* constants
@@ -45,6 +49,8 @@ type instanceState struct {
 	// KickedOffline is set when a session of the instance was kicked while
 	// the instance was offline, so that it never saw the kick.
 	KickedOffline bool `json:"kicked_offline"`
+	// Since is when the flag was set; it is forgotten after TombstoneTTL.
+	Since time.Time `json:"since,omitzero"`
 }
 
 // Outbound is a message for one device.
@@ -69,6 +75,21 @@ type Config struct {
 	// 70050 until the window has passed (defaults 10 and 1 minute).
 	MaxFailures   int
 	FailureWindow time.Duration
+
+	// Bounds on what devices can make the gateway remember (see
+	// docs/protocol.md, "Limits"); what goes over them is dropped, oldest
+	// first, and counted in chatgw_state_evicted_total.
+	//
+	// AnswerCacheSize instances' last answers are kept for AnswerTTL each
+	// (defaults 100,000 and 10 minutes), to answer a repeated request id.
+	AnswerCacheSize int
+	AnswerTTL       time.Duration
+	// FailureUsers bounds the users whose failed logins are counted
+	// (default 100,000).
+	FailureUsers int
+	// MaxTombstones bounds the ended sessions and the "kicked while
+	// offline" flags kept per user (default 32 each).
+	MaxTombstones int
 }
 
 func (c *Config) setDefaults() {
@@ -86,6 +107,18 @@ func (c *Config) setDefaults() {
 	}
 	if c.FailureWindow == 0 {
 		c.FailureWindow = time.Minute
+	}
+	if c.AnswerCacheSize == 0 {
+		c.AnswerCacheSize = 100_000
+	}
+	if c.AnswerTTL == 0 {
+		c.AnswerTTL = 10 * time.Minute
+	}
+	if c.FailureUsers == 0 {
+		c.FailureUsers = 100_000
+	}
+	if c.MaxTombstones == 0 {
+		c.MaxTombstones = 32
 	}
 }
 
@@ -112,15 +145,25 @@ type engine struct {
 	cfg      Config
 	newID    func() string
 	sessions map[string]*Session       // by session id, active and ended
-	insts    map[string]*instanceState // by user + "/" + instance
+	users    map[string]*userState     // by user id: the same sessions, and the instance flags
+	insts    map[string]*instanceState // by user + "/" + instance; only flagged instances
 	revoked  map[string]int64          // user -> Unix second of the last admin kick
-	failed   map[string]*failures      // user -> recent failed logins (memory only)
+	failed   *lru[*failures]           // user -> recent failed logins (memory only)
 	// replies holds each instance's last answer, so that a request the
 	// device sends again (same id, because no answer came in time) is
 	// answered again instead of being carried out twice.
-	replies map[string]mqtt.Message
-	dirty   changes
-	stats   *stats
+	replies *lru[mqtt.Message]
+	// next is the earliest moment Expire has something to do (zero: none).
+	next  time.Time
+	dirty changes
+	stats *stats
+}
+
+// userState indexes one user's sessions and flagged instances, so that a
+// message costs the same however many users there are.
+type userState struct {
+	sessions map[string]*Session
+	insts    map[string]*instanceState // by instance
 }
 
 // changes lists what must be persisted after a call.
@@ -146,34 +189,111 @@ func newEngine(cfg Config, newID func() string, st *stats) *engine {
 		cfg:      cfg,
 		newID:    newID,
 		sessions: map[string]*Session{},
+		users:    map[string]*userState{},
 		insts:    map[string]*instanceState{},
 		revoked:  map[string]int64{},
-		failed:   map[string]*failures{},
-		replies:  map[string]mqtt.Message{},
 		stats:    st,
 	}
+	e.failed = newLRU[*failures](cfg.FailureUsers, cfg.FailureWindow, func() { st.evicted("failure_counter") })
+	e.replies = newLRU[mqtt.Message](cfg.AnswerCacheSize, cfg.AnswerTTL, func() { st.evicted("answer") })
 	e.dirty.reset()
 	return e
 }
 
-func instKey(user, instance string) string { return user + "/" + instance }
-
-func (e *engine) instance(user, instance string) *instanceState {
-	k := instKey(user, instance)
-	st, ok := e.insts[k]
+func (e *engine) user(id string) *userState {
+	u, ok := e.users[id]
 	if !ok {
-		st = &instanceState{}
-		e.insts[k] = st
+		u = &userState{sessions: map[string]*Session{}, insts: map[string]*instanceState{}}
+		e.users[id] = u
 	}
-	return st
+	return u
 }
 
-func (e *engine) setKickedOffline(user, instance string, v bool) {
-	st := e.instance(user, instance)
-	if st.KickedOffline != v {
-		st.KickedOffline = v
-		e.dirty.instances[instKey(user, instance)] = true
+// addSession puts s into both indexes (login, and loading the state).
+func (e *engine) addSession(s *Session) {
+	e.sessions[s.ID] = s
+	e.user(s.UserID).sessions[s.ID] = s
+	if s.Active() {
+		e.wantExpire(s.ExpiresAt.Add(time.Second))
 	}
+}
+
+func (e *engine) removeSession(s *Session) {
+	delete(e.sessions, s.ID)
+	if u, ok := e.users[s.UserID]; ok {
+		delete(u.sessions, s.ID)
+		e.dropUserIfEmpty(s.UserID, u)
+	}
+	e.touch(s)
+}
+
+func (e *engine) dropUserIfEmpty(id string, u *userState) {
+	if len(u.sessions) == 0 && len(u.insts) == 0 {
+		delete(e.users, id)
+	}
+}
+
+// addInstance puts a flagged instance into both indexes.
+func (e *engine) addInstance(key string, st *instanceState) {
+	user, instance, _ := strings.Cut(key, "/")
+	e.insts[key] = st
+	e.user(user).insts[instance] = st
+}
+
+// wantExpire makes Expire run no later than at.
+func (e *engine) wantExpire(at time.Time) {
+	if e.next.IsZero() || at.Before(e.next) {
+		e.next = at
+	}
+}
+
+// NextExpire is when Expire next has work (zero: nothing is scheduled).
+func (e *engine) NextExpire() time.Time { return e.next }
+
+func instKey(user, instance string) string { return user + "/" + instance }
+
+// kickedOffline reports whether the instance carries the flag. Only
+// flagged instances have a record: looking one up creates nothing.
+func (e *engine) kickedOffline(user, instance string) bool {
+	st, ok := e.insts[instKey(user, instance)]
+	return ok && st.KickedOffline
+}
+
+func (e *engine) setKickedOffline(now time.Time, user, instance string, v bool) {
+	k := instKey(user, instance)
+	if !v {
+		if _, ok := e.insts[k]; ok {
+			e.dropInstance(user, instance)
+		}
+		return
+	}
+	if e.kickedOffline(user, instance) {
+		return
+	}
+	e.addInstance(k, &instanceState{KickedOffline: true, Since: now})
+	e.dirty.instances[k] = true
+	// Bounded per user: a device can invent instance ids.
+	u := e.users[user]
+	for len(u.insts) > e.cfg.MaxTombstones {
+		var oldest string
+		for inst, st := range u.insts {
+			if oldest == "" || st.Since.Before(u.insts[oldest].Since) || st.Since.Equal(u.insts[oldest].Since) && inst < oldest {
+				oldest = inst
+			}
+		}
+		e.dropInstance(user, oldest)
+		e.stats.evicted("instance_flag")
+	}
+}
+
+func (e *engine) dropInstance(user, instance string) {
+	k := instKey(user, instance)
+	delete(e.insts, k)
+	if u, ok := e.users[user]; ok {
+		delete(u.insts, instance)
+		e.dropUserIfEmpty(user, u)
+	}
+	e.dirty.instances[k] = true
 }
 
 func (e *engine) touch(s *Session) { e.dirty.sessions[s.ID] = true }
@@ -183,14 +303,66 @@ func (e *engine) end(s *Session, now time.Time, reason string) {
 	s.EndedAt = now
 	s.Online = false
 	e.touch(s)
+	// Bounded per user: a device can invent instance ids, and every login
+	// of a new one may end a session.
+	u := e.users[s.UserID]
+	var ended []*Session
+	for _, t := range u.sessions {
+		if !t.Active() {
+			ended = append(ended, t)
+		}
+	}
+	if over := len(ended) - e.cfg.MaxTombstones; over > 0 {
+		sort.Slice(ended, func(i, j int) bool {
+			if !ended[i].EndedAt.Equal(ended[j].EndedAt) {
+				return ended[i].EndedAt.Before(ended[j].EndedAt)
+			}
+			return ended[i].ID < ended[j].ID
+		})
+		for _, t := range ended[:over] {
+			e.removeSession(t)
+			e.stats.evicted("tombstone")
+		}
+	}
+}
+
+// userSessions returns the user's sessions (active and ended) in a stable
+// order: oldest login first, ties by id.
+func (e *engine) userSessions(user string) []*Session {
+	u, ok := e.users[user]
+	if !ok {
+		return nil
+	}
+	ss := make([]*Session, 0, len(u.sessions))
+	for _, s := range u.sessions {
+		ss = append(ss, s)
+	}
+	sortSessions(ss)
+	return ss
+}
+
+func sortSessions(ss []*Session) {
+	sort.Slice(ss, func(i, j int) bool {
+		if !ss[i].LoginAt.Equal(ss[j].LoginAt) {
+			return ss[i].LoginAt.Before(ss[j].LoginAt)
+		}
+		return ss[i].ID < ss[j].ID
+	})
 }
 
 // Handle processes one message a device published on its up topic.
 func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []Outbound {
 	key := instKey(user, instance)
-	if last, ok := e.replies[key]; ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
-		e.stats.dropped("repeated_request")
+	if last, ok := e.replies.get(key, now); ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
+		e.stats.dropped(dropRepeated)
+		if last.ServerTimeMs != 0 {
+			// The clock offset the device learns must be today's.
+			last.ServerTimeMs = now.UnixMilli()
+		}
 		return []Outbound{{UserID: user, Instance: instance, Msg: last}}
+	}
+	if mqtt.ValidateInstanceID(m.Conn) != nil {
+		m.Conn = "" // not a connection id: as if the device named none
 	}
 	reply := func(r mqtt.Message) []Outbound {
 		r.ID = m.ID
@@ -198,7 +370,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 			r.Desc = codes.Text(r.Code)
 		}
 		if r.ID != "" {
-			e.replies[key] = r
+			e.replies.put(key, r, now)
 		}
 		return []Outbound{{UserID: user, Instance: instance, Msg: r}}
 	}
@@ -216,21 +388,29 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 	case mqtt.TypeLogout:
 		if s, ok := e.sessions[m.Session]; ok && s.Active() && s.UserID == user && s.Instance == instance {
 			e.end(s, now, EndLogout)
-			e.stats.logouts.Inc()
+			e.stats.logouts.Add(1)
 		}
 		// Logout is idempotent: a repeated or unknown logout also succeeds.
 		return reply(mqtt.Message{Type: mqtt.TypeLogoutResult})
 	case mqtt.TypeOffline:
-		for _, s := range e.sessions {
-			if s.Active() && s.Online && s.UserID == user && s.Instance == instance {
-				s.Online = false
-				s.LastSeen = now
-				e.touch(s)
+		for _, s := range e.userSessions(user) {
+			if !s.Active() || !s.Online || s.Instance != instance {
+				continue
 			}
+			// Presence is per connection: an offline message that names
+			// another session, or an older connection than the one the
+			// session is on, is about something that has already ended.
+			if m.Session != "" && m.Session != s.ID || m.Conn != "" && s.Conn != "" && m.Conn != s.Conn {
+				e.stats.dropped(dropStaleOffline)
+				continue
+			}
+			s.Online = false
+			s.LastSeen = now
+			e.touch(s)
 		}
 		return nil
 	default:
-		e.stats.dropped("unknown_type")
+		e.stats.dropped(dropUnknownType)
 		return reply(mqtt.Message{Type: mqtt.TypeError, Code: codes.InvalidParams,
 			Desc: fmt.Sprintf("unknown message type %q; this gateway speaks protocol %s: login, resume, logout, offline", m.Type, mqtt.Version)})
 	}
@@ -249,12 +429,12 @@ func resultType(t string) string {
 }
 
 func (e *engine) fail(now time.Time, user string) {
-	f, ok := e.failed[user]
+	f, ok := e.failed.get(user, now)
 	if !ok || now.Sub(f.since) > e.cfg.FailureWindow {
 		f = &failures{since: now}
-		e.failed[user] = f
 	}
 	f.count++
+	e.failed.put(user, f, now)
 }
 
 func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, reply func(mqtt.Message) []Outbound) []Outbound {
@@ -275,7 +455,7 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 	if !mqtt.ValidPlatform(platform) {
 		return res(codes.InvalidParams, fmt.Sprintf("unknown platform %q; use one of %v", m.Platform, mqtt.Platforms))
 	}
-	if f, ok := e.failed[user]; ok && f.count >= e.cfg.MaxFailures && now.Sub(f.since) <= e.cfg.FailureWindow {
+	if f, ok := e.failed.get(user, now); ok && f.count >= e.cfg.MaxFailures && now.Sub(f.since) <= e.cfg.FailureWindow {
 		e.stats.login(codes.TooManyFailures)
 		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.TooManyFailures,
 			Desc: fmt.Sprintf("%d failed logins within %s; retry after %s", f.count, e.cfg.FailureWindow, f.since.Add(e.cfg.FailureWindow).Sub(now).Round(time.Second))})
@@ -292,8 +472,8 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 		return res(codes.UserSigRevoked, fmt.Sprintf("this UserSig was issued at %s, before %q was kicked by an operator at %s; get a new UserSig",
 			time.Unix(t.Time, 0).UTC().Format(time.RFC3339), user, time.Unix(at, 0).UTC().Format(time.RFC3339)))
 	}
-	if st := e.instance(user, instance); st.KickedOffline {
-		e.setKickedOffline(user, instance, false)
+	if e.kickedOffline(user, instance) {
+		e.setKickedOffline(now, user, instance, false)
 		if e.cfg.KickedOfflineFails {
 			return res(codes.KickedOffline, "this instance was kicked offline while it was away; log in again deliberately")
 		}
@@ -302,8 +482,8 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 	var out []Outbound
 	// The same instance logging in again replaces its session: not a new
 	// instance, so it kicks nobody.
-	for _, s := range e.sessions {
-		if s.Active() && s.UserID == user && s.Instance == instance {
+	for _, s := range e.userSessions(user) {
+		if s.Active() && s.Instance == instance {
 			e.end(s, now, EndReplaced)
 		}
 	}
@@ -319,12 +499,13 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 		ExpiresAt: t.ExpiresAt(),
 		Online:    true,
 		LastSeen:  now,
+		Conn:      m.Conn,
 	}
-	e.sessions[s.ID] = s
+	e.addSession(s)
 	e.touch(s)
 	e.stats.login(codes.OK)
 	e.stats.active(user, now)
-	delete(e.failed, user)
+	e.failed.delete(user)
 	r := reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
 	return append(out, r...)
 }
@@ -336,8 +517,8 @@ func (e *engine) victims(user, platform string) []*Session {
 	group := e.cfg.Policy.group(platform)
 	var same []*Session
 	var out []*Session
-	for _, s := range e.sessions {
-		if !s.Active() || s.UserID != user {
+	for _, s := range e.userSessions(user) {
+		if !s.Active() {
 			continue
 		}
 		switch {
@@ -347,13 +528,7 @@ func (e *engine) victims(user, platform string) []*Session {
 			out = append(out, s)
 		}
 	}
-	// Logged in longest first; ties broken by id so the order is stable.
-	sort.Slice(same, func(i, j int) bool {
-		if !same[i].LoginAt.Equal(same[j].LoginAt) {
-			return same[i].LoginAt.Before(same[j].LoginAt)
-		}
-		return same[i].ID < same[j].ID
-	})
+	// userSessions gives them logged in longest first, ties broken by id.
 	if over := len(same) + 1 - e.cfg.Instances.Max(platform); over > 0 {
 		out = append(out, same[:over]...)
 	}
@@ -364,9 +539,9 @@ func (e *engine) kick(now time.Time, s *Session, reason, byPlatform string) []Ou
 	online := s.Online
 	e.end(s, now, EndKicked)
 	s.KickedBy = reason
-	e.stats.kicks.With(reason).Inc()
+	e.stats.kicks.With(reason).Add(1)
 	if !online {
-		e.setKickedOffline(s.UserID, s.Instance, true)
+		e.setKickedOffline(now, s.UserID, s.Instance, true)
 	}
 	// Sent even when the instance looks offline: its presence may lag, and
 	// a kick that names a session the device no longer has is ignored.
@@ -397,6 +572,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 	case "":
 		s.Online = true
 		s.LastSeen = now
+		s.Conn = m.Conn
 		e.touch(s)
 		e.stats.active(user, now)
 		r.ServerTimeMs = now.UnixMilli()
@@ -406,7 +582,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 		r.Code, r.Desc = codes.KickedOffline, kickDesc(s.KickedBy, "another platform")
 		// The kick is now known to the instance: its next login is not a
 		// login after an unseen kick.
-		e.setKickedOffline(user, instance, false)
+		e.setKickedOffline(now, user, instance, false)
 	case EndExpired:
 		r.Code, r.Desc = codes.UserSigExpired, "the session's UserSig expired at "+s.ExpiresAt.UTC().Format(time.RFC3339)+"; get a new UserSig, then log in"
 	default:
@@ -421,18 +597,17 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
 	var out []Outbound
 	var next time.Time
-	for _, s := range e.sessions {
+	for _, s := range e.sortedSessions() {
 		if !s.Active() {
 			if now.Sub(s.EndedAt) > e.cfg.TombstoneTTL {
-				delete(e.sessions, s.ID)
-				e.touch(s)
+				e.removeSession(s)
 			}
 			continue
 		}
 		if now.After(s.ExpiresAt) {
 			online := s.Online
 			e.end(s, now, EndExpired)
-			e.stats.expired.Inc()
+			e.stats.expired.Add(1)
 			if online {
 				out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
 					Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: codes.UserSigExpired,
@@ -447,7 +622,33 @@ func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
 			next = at
 		}
 	}
+	for k, st := range e.insts {
+		if now.Sub(st.Since) > e.cfg.TombstoneTTL {
+			user, instance, _ := strings.Cut(k, "/")
+			e.dropInstance(user, instance)
+		}
+	}
+	e.failed.prune(now)
+	e.replies.prune(now)
+	// Tombstones and flags are swept too whenever this runs, at least
+	// hourly (RunTimers).
+	e.next = next
 	return out, next
+}
+
+// AllOffline marks every active session offline: at start-up, when no
+// device connection can have survived (the embedded broker restarted with
+// the gateway). Devices that are still there resume at once.
+func (e *engine) AllOffline() int {
+	n := 0
+	for _, s := range e.sessions {
+		if s.Active() && s.Online {
+			s.Online = false
+			e.touch(s)
+			n++
+		}
+	}
+	return n
 }
 
 // Kick ends every session of user, tells the online ones, and revokes the
@@ -457,8 +658,8 @@ func (e *engine) Kick(now time.Time, user string) ([]Outbound, int) {
 	e.dirty.revoked[user] = true
 	var out []Outbound
 	n := 0
-	for _, s := range e.sortedSessions() {
-		if s.Active() && s.UserID == user {
+	for _, s := range e.userSessions(user) {
+		if s.Active() {
 			out = append(out, e.kick(now, s, mqtt.KickAdmin, "")...)
 			n++
 		}
@@ -471,20 +672,19 @@ func (e *engine) sortedSessions() []*Session {
 	for _, s := range e.sessions {
 		ss = append(ss, s)
 	}
-	sort.Slice(ss, func(i, j int) bool {
-		if !ss[i].LoginAt.Equal(ss[j].LoginAt) {
-			return ss[i].LoginAt.Before(ss[j].LoginAt)
-		}
-		return ss[i].ID < ss[j].ID
-	})
+	sortSessions(ss)
 	return ss
 }
 
 // ActiveSessions returns copies of the active sessions, oldest login first.
 func (e *engine) ActiveSessions(user string) []Session {
+	ss := e.sortedSessions()
+	if user != "" {
+		ss = e.userSessions(user)
+	}
 	var out []Session
-	for _, s := range e.sortedSessions() {
-		if s.Active() && (user == "" || s.UserID == user) {
+	for _, s := range ss {
+		if s.Active() {
 			out = append(out, *s)
 		}
 	}

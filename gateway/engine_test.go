@@ -87,6 +87,10 @@ func TestLoginResultCodes(t *testing.T) {
 		{"garbage usersig", "alice", func(r *rig) mqtt.Message {
 			return mqtt.Message{Type: mqtt.TypeLogin, UserID: "alice", UserSig: "not-a-usersig"}
 		}, 70003, ""},
+		{"truncated usersig", "alice", func(r *rig) mqtt.Message {
+			s := r.sig("alice", time.Hour)
+			return mqtt.Message{Type: mqtt.TypeLogin, UserID: "alice", UserSig: s[:len(s)/2]}
+		}, 70005, "truncated"},
 		{"usersig of another user", "alice", func(r *rig) mqtt.Message {
 			return mqtt.Message{Type: mqtt.TypeLogin, UserID: "alice", UserSig: r.sig("bob", time.Hour)}
 		}, 70013, ""},
@@ -497,6 +501,7 @@ func FuzzHandleMessage(f *testing.F) {
 		g.SetPublisher(&pub)
 		g.HandleMessage(topic, payload)
 		g.Tick()
+		g.sendQueued()
 		user, inst, err := g.topics.ParseUp(topic)
 		for _, p := range pub.topics {
 			if err != nil || p != g.topics.Down(user, inst) {

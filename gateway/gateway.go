@@ -16,6 +16,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"chatd/mqtt"
@@ -27,19 +28,32 @@ type Options struct {
 	Topics mqtt.Topics
 	// StatePath is the bbolt state file; empty keeps state in memory only.
 	StatePath string
-	Logger    *slog.Logger
+	// NoSurvivors says that no device connection can have outlived the
+	// previous run (the embedded broker restarts with the gateway): every
+	// session loaded from the state starts offline.
+	NoSurvivors bool
+	Logger      *slog.Logger
 	// Now and NewID are injectable for tests.
 	Now   func() time.Time
 	NewID func() string
 }
 
 // Publisher sends a message to a device; the broker connection provides it.
+// Publish must return within a bounded time.
 type Publisher interface {
 	Publish(topic string, qos byte, payload []byte) error
 }
 
+// sendQueueSize bounds the answers and pushes waiting for the broker
+// connection; past it, they are dropped and counted.
+const sendQueueSize = 16384
+
+// maxHeld bounds the pushes held back while the state cannot be written.
+const maxHeld = 10000
+
 // Gateway serialises every event through one mutex-guarded engine and
-// persists what changed before the answers go out.
+// persists what changed before the answers go out. Nothing is published
+// under the mutex: answers go to a queue that one sender drains.
 type Gateway struct {
 	opts   Options
 	log    *slog.Logger
@@ -49,11 +63,26 @@ type Gateway struct {
 	mu    sync.Mutex
 	e     *engine
 	st    *store
-	pub   Publisher
 	wake  chan struct{}
 	stats *stats
+	// held are pushes (kicks, expiry notices) decided while the state
+	// could not be written; they go out after the next successful write.
+	held []Outbound
+	// unwritten is set while the engine has changes the store refused.
+	unwritten bool
+	// timerAt is when RunTimers will next run Expire.
+	timerAt time.Time
 
-	// subscribed is closed once the gateway first receives device messages.
+	pubMu sync.Mutex
+	pub   Publisher
+	outq  chan Outbound
+
+	brokerUp atomic.Bool
+	queue    atomic.Pointer[fairQueue[inbound]]
+	// clientID is the default MQTT client id: kept in the state file, so
+	// the broker's session for it survives restarts, and random.
+	clientID string
+	// subscribed is closed once the gateway is subscribed to the up topics.
 	subscribed     chan struct{}
 	subscribedOnce sync.Once
 }
@@ -75,9 +104,32 @@ func New(opts Options) (*Gateway, error) {
 	if opts.Topics.Prefix == "" {
 		opts.Topics.Prefix = mqtt.DefaultPrefix
 	}
-	g := &Gateway{opts: opts, log: opts.Logger, now: opts.Now, topics: opts.Topics, wake: make(chan struct{}, 1), subscribed: make(chan struct{})}
+	g := &Gateway{opts: opts, log: opts.Logger, now: opts.Now, topics: opts.Topics, wake: make(chan struct{}, 1),
+		subscribed: make(chan struct{}), outq: make(chan Outbound, sendQueueSize)}
 	g.stats = newStats(opts.Now, g.countSessions)
+	g.stats.addGauge("chatgw_broker_connected", "1 while the gateway is connected to its broker.", func() float64 {
+		if g.brokerUp.Load() {
+			return 1
+		}
+		return 0
+	})
+	g.stats.addGauge("chatgw_queue_length", "Device messages waiting for the gateway.", func() float64 {
+		if q := g.queue.Load(); q != nil {
+			return float64(q.len())
+		}
+		return 0
+	})
+	g.stats.addGauge("chatgw_send_queue_length", "Answers and pushes waiting for the broker connection.", func() float64 { return float64(len(g.outq)) })
+	g.stats.addGauge("chatgw_state_unwritten", "1 while changes wait to be written to the state file.", func() float64 {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		if g.unwritten {
+			return 1
+		}
+		return 0
+	})
 	g.e = newEngine(opts.Config, opts.NewID, g.stats)
+	g.clientID = "chatgw-" + randomID()
 	if opts.StatePath != "" {
 		st, err := openStore(opts.StatePath)
 		if err != nil {
@@ -88,7 +140,19 @@ func New(opts Options) (*Gateway, error) {
 			return nil, fmt.Errorf("loading gateway state %s: %w (move it aside to start with no sessions)", opts.StatePath, err)
 		}
 		g.st = st
-		g.log.Info("gateway state loaded", "path", opts.StatePath, "active_sessions", len(g.e.ActiveSessions("")))
+		if g.clientID, err = st.clientID(); err != nil {
+			st.close()
+			return nil, fmt.Errorf("gateway state %s: %w", opts.StatePath, err)
+		}
+		n := 0
+		if opts.NoSurvivors {
+			n = g.e.AllOffline()
+			if err := st.flush(g.e); err != nil {
+				st.close()
+				return nil, fmt.Errorf("writing gateway state %s: %w", opts.StatePath, err)
+			}
+		}
+		g.log.Info("gateway state loaded", "path", opts.StatePath, "active_sessions", len(g.e.ActiveSessions("")), "marked_offline", n)
 	}
 	return g, nil
 }
@@ -120,6 +184,9 @@ func (g *Gateway) Close() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.st != nil {
+		if g.unwritten {
+			g.log.Error("gateway state: changes could not be written before shutdown")
+		}
 		err := g.st.close()
 		g.st = nil
 		return err
@@ -129,66 +196,167 @@ func (g *Gateway) Close() error {
 
 // SetPublisher sets where answers go (the broker connection).
 func (g *Gateway) SetPublisher(p Publisher) {
-	g.mu.Lock()
+	g.pubMu.Lock()
 	g.pub = p
-	g.mu.Unlock()
+	g.pubMu.Unlock()
 }
 
-// commit persists the engine's changes and sends out; call with g.mu held.
+// errUnwritten is what Kick returns when the state write failed.
+var errUnwritten = errors.New("the gateway state could not be written; the change is kept in memory and written again every second")
+
+// commit persists the engine's changes and queues out; call with g.mu held.
 // State is written before anyone is told, so a crash never leaves a device
-// holding a session the restarted gateway does not know.
-func (g *Gateway) commit(out []Outbound) {
+// holding a session the restarted gateway does not know. When the write
+// fails, the answer to the request being handled (req, if any) becomes a
+// retryable 70500, and the pushes wait for the next successful write.
+func (g *Gateway) commit(out []Outbound, req *Outbound) error {
+	var err error
 	if g.st != nil {
-		if err := g.st.flush(g.e); err != nil {
-			g.log.Error("writing gateway state failed", "err", err)
-		}
+		err = g.st.flush(g.e)
 	} else {
 		g.e.dirty.reset()
 	}
-	for _, o := range out {
-		if g.pub == nil {
-			continue
+	if err != nil {
+		if !g.unwritten {
+			g.log.Error("writing gateway state failed; answering 70500 and retrying every second", "err", err)
 		}
-		topic := g.topics.Down(o.UserID, o.Instance)
-		if err := g.pub.Publish(topic, mqtt.QoSReply, mqtt.Encode(o.Msg)); err != nil {
-			g.log.Warn("sending to device failed", "user", o.UserID, "instance", o.Instance, "type", o.Msg.Type, "err", err)
+		g.unwritten = true
+		g.stats.writeFails.Add(1)
+		for _, o := range out {
+			if req != nil && o.UserID == req.UserID && o.Instance == req.Instance && o.Msg.ID == req.Msg.ID && o.Msg.Type != mqtt.TypeKick && o.Msg.Type != mqtt.TypeUserSigExpire {
+				g.enqueue(Outbound{UserID: o.UserID, Instance: o.Instance, Msg: mqtt.Message{
+					Type: o.Msg.Type, ID: o.Msg.ID, Session: o.Msg.Session, Code: codes.ServerInternal2,
+					Desc: "the gateway could not save this change; retry with backoff (the same request id gets the answer once it is saved)"}})
+				continue
+			}
+			if len(g.held) >= maxHeld {
+				g.stats.dropped(dropSendQueueFull)
+				continue
+			}
+			g.held = append(g.held, o)
 		}
+		g.wakeTimers()
+		return errUnwritten
 	}
+	if g.unwritten {
+		g.log.Info("gateway state written again", "held_pushes", len(g.held))
+		g.unwritten = false
+	}
+	out = append(g.held, out...)
+	g.held = nil
+	for _, o := range out {
+		g.enqueue(o)
+	}
+	if n := g.e.NextExpire(); !n.IsZero() && (g.timerAt.IsZero() || n.Before(g.timerAt)) {
+		g.wakeTimers()
+	}
+	return nil
+}
+
+func (g *Gateway) wakeTimers() {
 	select {
 	case g.wake <- struct{}{}:
 	default:
 	}
 }
 
+// enqueue hands o to the sender without blocking.
+func (g *Gateway) enqueue(o Outbound) {
+	select {
+	case g.outq <- o:
+	default:
+		g.stats.dropped(dropSendQueueFull)
+	}
+}
+
+// runSender publishes what commit queued, in order, until ctx ends.
+func (g *Gateway) runSender(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case o := <-g.outq:
+			g.send(o)
+		}
+	}
+}
+
+// sendQueued publishes everything queued now; for tests without Serve.
+func (g *Gateway) sendQueued() {
+	for {
+		select {
+		case o := <-g.outq:
+			g.send(o)
+		default:
+			return
+		}
+	}
+}
+
+func (g *Gateway) send(o Outbound) {
+	g.pubMu.Lock()
+	p := g.pub
+	g.pubMu.Unlock()
+	if p == nil {
+		g.stats.publishFails.Add(1)
+		return
+	}
+	topic := g.topics.Down(o.UserID, o.Instance)
+	if err := p.Publish(topic, mqtt.QoSReply, mqtt.Encode(o.Msg)); err != nil {
+		g.stats.publishFails.Add(1)
+		g.log.Debug("sending to device failed", "user", o.UserID, "instance", o.Instance, "type", o.Msg.Type, "err", err)
+	}
+}
+
+// parseUp returns the device an up topic belongs to, checking the ids the
+// way the embedded broker does, whatever broker delivered the message.
+func (g *Gateway) parseUp(topic string) (user, instance string, err error) {
+	user, instance, err = g.topics.ParseUp(topic)
+	if err != nil {
+		return "", "", err
+	}
+	if err := mqtt.ValidateUserID(user); err != nil {
+		return "", "", err
+	}
+	if err := mqtt.ValidateInstanceID(instance); err != nil {
+		return "", "", err
+	}
+	return user, instance, nil
+}
+
 // HandleMessage processes one MQTT message from a device's up topic.
 // Whatever it is, it never panics and never blocks on the network.
 func (g *Gateway) HandleMessage(topic string, payload []byte) {
-	user, instance, err := g.topics.ParseUp(topic)
+	user, instance, err := g.parseUp(topic)
 	if err != nil {
-		g.stats.dropped("bad_topic")
+		g.stats.dropped(dropBadTopic)
 		g.log.Debug("dropped message", "topic", topic, "err", err)
+		return
+	}
+	if len(payload) == 0 {
+		g.stats.dropped(dropEmpty)
 		return
 	}
 	m, err := mqtt.Decode(payload)
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if err != nil {
-		reason := "malformed"
+		reason := dropMalformed
 		if len(payload) > mqtt.MaxPayload {
-			reason = "oversized"
+			reason = dropOversized
 		}
 		g.stats.dropped(reason)
-		g.log.Info("bad message from device", "user", user, "instance", instance, "err", err)
-		if len(payload) > 0 && len(payload) <= mqtt.MaxPayload*4 {
-			// Answer so a developer sees why; a flood of garbage is dropped silently.
-			g.commit([]Outbound{{UserID: user, Instance: instance, Msg: mqtt.Message{
-				Type: mqtt.TypeError, Code: codes.InvalidParams, Desc: err.Error()}}})
-		}
+		g.log.Debug("bad message from device", "user", user, "instance", instance, "err", err)
+		// Answer so a developer sees why, naming the request when it has
+		// an id.
+		g.commit([]Outbound{{UserID: user, Instance: instance, Msg: mqtt.Message{
+			Type: mqtt.TypeError, ID: mqtt.PeekID(payload), Code: codes.InvalidParams, Desc: err.Error()}}}, nil)
 		return
 	}
 	now := g.now()
 	out := g.e.Handle(now, user, instance, m)
-	for _, o := range out {
+	var req *Outbound
+	for i, o := range out {
 		switch o.Msg.Type {
 		case mqtt.TypeLoginResult:
 			if o.Msg.Code == 0 {
@@ -201,12 +369,17 @@ func (g *Gateway) HandleMessage(topic string, payload []byte) {
 		case mqtt.TypeKick:
 			g.log.Info("kick", "user", o.UserID, "instance", o.Instance, "session", o.Msg.Session, "reason", o.Msg.Reason)
 		}
+		if o.UserID == user && o.Instance == instance && o.Msg.ID == m.ID && o.Msg.Type != mqtt.TypeKick {
+			req = &out[i]
+		}
 	}
-	g.commit(out)
+	g.commit(out, req)
 }
 
 // Kick kicks every session of user and invalidates the UserSigs issued
-// before now. It returns how many sessions were kicked.
+// before now. It returns how many sessions were kicked. When the state
+// cannot be written it returns an error: the kick is kept in memory and
+// written (and its kicks sent) once the state can be written again.
 func (g *Gateway) Kick(user string) (int, time.Time, error) {
 	if err := mqtt.ValidateUserID(user); err != nil {
 		return 0, time.Time{}, err
@@ -216,7 +389,9 @@ func (g *Gateway) Kick(user string) (int, time.Time, error) {
 	now := g.now()
 	out, n := g.e.Kick(now, user)
 	g.log.Info("admin kick", "user", user, "sessions", n)
-	g.commit(out)
+	if err := g.commit(out, nil); err != nil {
+		return n, time.Unix(now.Unix(), 0), err
+	}
 	return n, time.Unix(now.Unix(), 0), nil
 }
 
@@ -241,15 +416,27 @@ func (g *Gateway) RevokedBefore(user string) (time.Time, bool) {
 // WriteMetrics writes the Prometheus text format.
 func (g *Gateway) WriteMetrics(w io.Writer) { g.stats.write(w) }
 
-// Tick runs the expiry rules now and returns when to run them next.
+// Tick runs the expiry rules now (and writes changes the store refused
+// before) and returns when to run them next.
 func (g *Gateway) Tick() time.Time {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	out, next := g.e.Expire(g.now())
+	now := g.now()
+	out, next := g.e.Expire(now)
 	for _, o := range out {
 		g.log.Info("usersig expired", "user", o.UserID, "instance", o.Instance, "session", o.Msg.Session)
 	}
-	g.commit(out)
+	g.commit(out, nil)
+	if g.unwritten {
+		// Try again in a second.
+		if at := now.Add(time.Second); next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	g.timerAt = next
+	if next.IsZero() {
+		g.timerAt = now.Add(time.Hour)
+	}
 	return next
 }
 

@@ -19,6 +19,12 @@ type ServeConfig struct {
 	Broker         BrokerOptions
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
 	Admin string
+	// RateLimit is the per-device message rate, at the embedded broker and
+	// at the gateway (default DefaultRateLimit).
+	RateLimit RateLimit
+	// MaxExpiredAge is the embedded broker's bound on expired UserSigs
+	// (default DefaultMaxExpiredAge).
+	MaxExpiredAge time.Duration
 	// Ready, when set, is called once the broker listens, the state is
 	// loaded, the admin API is up and the gateway is subscribed, with the
 	// broker's and the admin API's addresses.
@@ -32,6 +38,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		log = slog.Default()
 		cfg.Logger = log
 	}
+	// With the embedded broker, every device connection ended with the
+	// previous run.
+	cfg.NoSurvivors = cfg.EmbeddedBroker != ""
 	g, err := New(cfg.Options)
 	if err != nil {
 		return err
@@ -39,16 +48,21 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 	defer g.Close()
 
 	bo := cfg.Broker
+	if bo.RateLimit == (RateLimit{}) {
+		bo.RateLimit = cfg.RateLimit
+	}
 	var brokerAddr net.Addr
 	if cfg.EmbeddedBroker != "" {
 		emb, err := StartEmbedded(EmbeddedOptions{
 			Addr: cfg.EmbeddedBroker, Topics: g.topics, SDKAppID: cfg.SDKAppID, Key: cfg.Key, Now: g.now, Logger: log,
+			RateLimit: cfg.RateLimit, MaxExpiredAge: cfg.MaxExpiredAge, stats: g.stats,
 		})
 		if err != nil {
 			return err
 		}
 		defer emb.Close()
-		bo = emb.BrokerOptions()
+		eo := emb.BrokerOptions()
+		bo.ClientID, bo.Dial = eo.ClientID, eo.Dial
 		brokerAddr = emb.Addr()
 		log.Info("embedded broker listening", "addr", brokerAddr.String(), "topics", g.topics.UpFilter())
 	} else if bo.URL == "" {

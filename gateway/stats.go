@@ -3,67 +3,203 @@ package gateway
 import (
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/VictoriaMetrics/metrics"
+	"chatd/codes"
+	"chatd/mqtt"
 )
 
-// stats are the gateway's Prometheus metrics.
+// stats are the gateway's Prometheus metrics, written in the text
+// exposition format with # HELP and # TYPE for every family. Labelled
+// families list every label value the gateway can produce from the start,
+// at 0, so that rate() and alerts see a series before its first event.
 type stats struct {
-	set      *metrics.Set
-	logouts  *metrics.Counter
-	expired  *metrics.Counter
-	kicks    labeled
-	logins   labeled
-	resumes  labeled
-	drops    labeled
+	logouts      atomic.Uint64
+	expired      atomic.Uint64
+	writeFails   atomic.Uint64
+	publishFails atomic.Uint64
+	kicks        *counterVec
+	logins       *counterVec
+	resumes      *counterVec
+	drops        *counterVec
+	evictions    *counterVec
+	refused      *counterVec // the embedded broker's refused connections
+	throttled    *counterVec // the rate limits' dropped messages, by where
+	disconnects  *counterVec // clients the embedded broker cut off
+	gauges       []gauge
+
 	mu       sync.Mutex
+	now      func() time.Time
 	dauDay   string
 	dauUsers map[string]bool
 }
 
-// labeled makes counters of one family with one label on demand.
-type labeled struct {
-	set   *metrics.Set
-	name  string
-	label string
+type gauge struct {
+	name, help string
+	value      func() float64
 }
 
-func (l labeled) With(value string) *metrics.Counter {
-	return l.set.GetOrCreateCounter(fmt.Sprintf("%s{%s=%q}", l.name, l.label, value))
+// counterVec is one counter family with one label.
+type counterVec struct {
+	name, help, label string
+	mu                sync.Mutex
+	vals              map[string]*atomic.Uint64
 }
+
+func newCounterVec(name, help, label string, values ...string) *counterVec {
+	c := &counterVec{name: name, help: help, label: label, vals: map[string]*atomic.Uint64{}}
+	for _, v := range values {
+		c.vals[v] = new(atomic.Uint64)
+	}
+	return c
+}
+
+func (c *counterVec) With(v string) *atomic.Uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, ok := c.vals[v]
+	if !ok {
+		n = new(atomic.Uint64)
+		c.vals[v] = n
+	}
+	return n
+}
+
+// Get returns the value for label value v (0 when never counted).
+func (c *counterVec) Get(v string) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n, ok := c.vals[v]; ok {
+		return n.Load()
+	}
+	return 0
+}
+
+func (c *counterVec) write(w io.Writer) {
+	c.mu.Lock()
+	keys := make([]string, 0, len(c.vals))
+	for k := range c.vals {
+		keys = append(keys, k)
+	}
+	c.mu.Unlock()
+	slices.Sort(keys)
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n", c.name, c.help, c.name)
+	for _, k := range keys {
+		fmt.Fprintf(w, "%s{%s=%q} %d\n", c.name, c.label, k, c.With(k).Load())
+	}
+}
+
+func codeLabels(cs ...int) []string {
+	out := make([]string, len(cs))
+	for i, c := range cs {
+		out[i] = strconv.Itoa(c)
+	}
+	return out
+}
+
+// Why messages from devices are dropped (chatgw_messages_dropped_total).
+const (
+	dropBadTopic      = "bad_topic"        // not <prefix>/v1/up/<valid user>/<valid instance>
+	dropMalformed     = "malformed"        // not a protocol message
+	dropOversized     = "oversized"        // over 16 KiB
+	dropEmpty         = "empty"            // no payload
+	dropUnknownType   = "unknown_type"     // answered with error 6017
+	dropRepeated      = "repeated_request" // answered again from the answer cache
+	dropQueueFull     = "queue_full"       // the device's share of the queue was full
+	dropRateLimited   = "rate_limited"     // over the per-device rate at the gateway
+	dropRetained      = "retained"         // a retained message on an up topic
+	dropStaleOffline  = "stale_offline"    // offline naming another session or an older connection
+	dropSendQueueFull = "send_queue_full"  // an answer that found the outgoing queue full
+)
+
+var dropReasons = []string{dropBadTopic, dropMalformed, dropOversized, dropEmpty, dropUnknownType, dropRepeated,
+	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull}
+
+// Why the embedded broker refused a connection (chatgw_broker_refused_total).
+const (
+	refuseUserID      = "bad_user_id"
+	refuseClientID    = "bad_client_id"
+	refuseUserSig     = "bad_usersig"
+	refuseLongExpired = "usersig_expired_long_ago"
+	refuseWill        = "bad_will"
+	refuseTaken       = "client_id_taken"
+	refuseReserved    = "client_id_reserved"
+	refusePersistent  = "persistent_session"
+	refuseFlooder     = "flooding"
+)
+
+var refuseReasons = []string{refuseUserID, refuseClientID, refuseUserSig, refuseLongExpired, refuseWill, refuseTaken, refuseReserved, refusePersistent, refuseFlooder}
 
 func newStats(now func() time.Time, sessions func() (active, online int)) *stats {
-	set := metrics.NewSet()
 	st := &stats{
-		set:      set,
-		logouts:  set.NewCounter("chatgw_logouts_total"),
-		expired:  set.NewCounter("chatgw_usersig_expired_total"),
-		kicks:    labeled{set, "chatgw_kicks_total", "reason"},
-		logins:   labeled{set, "chatgw_logins_total", "code"},
-		resumes:  labeled{set, "chatgw_resumes_total", "code"},
-		drops:    labeled{set, "chatgw_messages_dropped_total", "reason"},
-		dauUsers: map[string]bool{},
+		now: now,
+		kicks: newCounterVec("chatgw_kicks_total", "Sessions kicked, by reason.", "reason",
+			mqtt.KickOtherInstance, mqtt.KickAdmin),
+		logins: newCounterVec("chatgw_logins_total", "Login requests answered, by result code.", "code",
+			codeLabels(codes.OK, codes.InvalidParams, codes.InvalidUserID, codes.KickedOffline, codes.UserSigExpired,
+				codes.UserSigEmpty, codes.UserSigInvalid, codes.UserSigTruncated, codes.UserSigWrongKey,
+				codes.UserSigWrongUser, codes.UserSigWrongAppID, codes.TooManyFailures, codes.UserSigRevoked,
+				codes.ServerInternal2)...),
+		resumes: newCounterVec("chatgw_resumes_total", "Resume requests answered, by result code.", "code",
+			codeLabels(codes.OK, codes.NotLoggedIn, codes.KickedOffline, codes.UserSigExpired, codes.ServerInternal2)...),
+		drops: newCounterVec("chatgw_messages_dropped_total", "Device messages not carried out, by reason.", "reason", dropReasons...),
+		evictions: newCounterVec("chatgw_state_evicted_total", "Remembered entries dropped because a bound was reached, by kind.", "kind",
+			"answer", "failure_counter", "tombstone", "instance_flag"),
+		refused: newCounterVec("chatgw_broker_refused_total", "Connections the embedded broker refused, by reason.", "reason", refuseReasons...),
+		throttled: newCounterVec("chatgw_rate_limited_total", "Device messages over the per-device rate, by where they were dropped.", "where",
+			"broker", "gateway"),
+		disconnects: newCounterVec("chatgw_broker_disconnects_total", "Clients the embedded broker disconnected, by reason.", "reason", "flood"),
+		dauUsers:    map[string]bool{},
 	}
-	set.NewGauge("chatgw_sessions_active", func() float64 { a, _ := sessions(); return float64(a) })
-	set.NewGauge("chatgw_sessions_online", func() float64 { _, o := sessions(); return float64(o) })
-	set.NewGauge("chatgw_daily_active_users", func() float64 {
-		st.mu.Lock()
-		defer st.mu.Unlock()
-		if st.dauDay != now().UTC().Format(time.DateOnly) {
-			return 0
-		}
-		return float64(len(st.dauUsers))
-	})
+	st.gauges = []gauge{
+		{"chatgw_sessions_active", "Sessions logged in (online or not).", func() float64 { a, _ := sessions(); return float64(a) }},
+		{"chatgw_sessions_online", "Sessions whose device is connected.", func() float64 { _, o := sessions(); return float64(o) }},
+		{"chatgw_daily_active_users", "Users online today (UTC).", func() float64 {
+			st.mu.Lock()
+			defer st.mu.Unlock()
+			if st.dauDay != st.now().UTC().Format(time.DateOnly) {
+				return 0
+			}
+			return float64(len(st.dauUsers))
+		}},
+	}
 	return st
 }
 
-func (st *stats) login(code int)        { st.logins.With(strconv.Itoa(code)).Inc() }
-func (st *stats) resume(code int)       { st.resumes.With(strconv.Itoa(code)).Inc() }
-func (st *stats) dropped(reason string) { st.drops.With(reason).Inc() }
-func (st *stats) write(w io.Writer)     { st.set.WritePrometheus(w) }
+// addGauge adds a gauge family; call before serving metrics.
+func (st *stats) addGauge(name, help string, value func() float64) {
+	st.gauges = append(st.gauges, gauge{name, help, value})
+}
+
+func (st *stats) login(code int)        { st.logins.With(strconv.Itoa(code)).Add(1) }
+func (st *stats) resume(code int)       { st.resumes.With(strconv.Itoa(code)).Add(1) }
+func (st *stats) dropped(reason string) { st.drops.With(reason).Add(1) }
+func (st *stats) evicted(kind string)   { st.evictions.With(kind).Add(1) }
+
+func (st *stats) write(w io.Writer) {
+	single := func(name, help string, v uint64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
+	}
+	st.logins.write(w)
+	st.resumes.write(w)
+	single("chatgw_logouts_total", "Sessions ended by logout.", st.logouts.Load())
+	single("chatgw_usersig_expired_total", "Sessions ended because their UserSig expired.", st.expired.Load())
+	st.kicks.write(w)
+	st.drops.write(w)
+	st.evictions.write(w)
+	single("chatgw_state_write_failures_total", "State writes that failed (the changes are kept and written again).", st.writeFails.Load())
+	single("chatgw_publish_failures_total", "Messages to devices the broker connection did not take.", st.publishFails.Load())
+	st.throttled.write(w)
+	st.refused.write(w)
+	st.disconnects.write(w)
+	for _, g := range st.gauges {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %s\n", g.name, g.help, g.name, g.name, strconv.FormatFloat(g.value(), 'g', -1, 64))
+	}
+}
 
 // active records that user was online today (UTC), for the daily active
 // users gauge.

@@ -21,6 +21,7 @@ var (
 	bucketInstances = []byte("instances")
 	bucketRevoked   = []byte("revoked")
 	keySchema       = []byte("schema")
+	keyClientID     = []byte("client_id")
 )
 
 const gatewaySchema = 1
@@ -30,6 +31,9 @@ var ErrStateLocked = errors.New("gateway state file is in use by another process
 
 type store struct {
 	db *bolt.DB
+	// failWrites, when set, is asked before every write and fails it with
+	// its error: tests use it to play a full or failing disk.
+	failWrites func() error
 }
 
 func openStore(path string) (*store, error) {
@@ -78,7 +82,7 @@ func (st *store) load(e *engine) error {
 			if err := json.Unmarshal(v, &s); err != nil {
 				return fmt.Errorf("session %q: %w", k, err)
 			}
-			e.sessions[s.ID] = &s
+			e.addSession(&s)
 			return nil
 		})
 		if err != nil {
@@ -89,7 +93,9 @@ func (st *store) load(e *engine) error {
 			if err := json.Unmarshal(v, &is); err != nil {
 				return fmt.Errorf("instance %q: %w", k, err)
 			}
-			e.insts[string(k)] = &is
+			if is.KickedOffline {
+				e.addInstance(string(k), &is)
+			}
 			return nil
 		})
 		if err != nil {
@@ -107,12 +113,18 @@ func (st *store) load(e *engine) error {
 }
 
 // flush writes what e changed since the last flush, in one transaction.
+// When it fails, nothing is written and e keeps the list of changes, so the
+// next flush writes them again.
 func (st *store) flush(e *engine) error {
 	if e.dirty.empty() {
 		return nil
 	}
-	defer e.dirty.reset()
-	return st.db.Update(func(tx *bolt.Tx) error {
+	if st.failWrites != nil {
+		if err := st.failWrites(); err != nil {
+			return err
+		}
+	}
+	err := st.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketSessions)
 		for id := range e.dirty.sessions {
 			s, ok := e.sessions[id]
@@ -135,7 +147,6 @@ func (st *store) flush(e *engine) error {
 			is := e.insts[k]
 			if is == nil || !is.KickedOffline {
 				// Only the flag is worth keeping.
-				delete(e.insts, k)
 				if err := b.Delete([]byte(k)); err != nil {
 					return err
 				}
@@ -154,6 +165,26 @@ func (st *store) flush(e *engine) error {
 		}
 		return nil
 	})
+	if err == nil {
+		e.dirty.reset()
+	}
+	return err
+}
+
+// clientID returns the gateway's MQTT client id, making a random one at
+// the first start.
+func (st *store) clientID() (string, error) {
+	var id string
+	err := st.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if v := meta.Get(keyClientID); v != nil {
+			id = string(v)
+			return nil
+		}
+		id = "chatgw-" + randomID()
+		return meta.Put(keyClientID, []byte(id))
+	})
+	return id, err
 }
 
 func (st *store) close() error { return st.db.Close() }

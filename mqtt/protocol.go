@@ -8,7 +8,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"reflect"
 	"strings"
 )
 
@@ -69,6 +71,13 @@ type Message struct {
 	UserSig  string `json:"user_sig,omitempty"` // login only; never logged
 	Platform string `json:"platform,omitempty"`
 	Session  string `json:"session,omitempty"`
+	// Conn names the device's current MQTT connection (a random id the
+	// device makes per connection, 1 to 64 letters, digits, '_' or '-'). A
+	// device that sets it in its Will, its goodbye and its login and resume
+	// requests gets per-connection presence: an offline message naming an
+	// older connection never marks the session of a newer one offline.
+	// The embedded broker sets it itself on everything a device publishes.
+	Conn string `json:"conn,omitempty"`
 
 	// Result and push fields.
 	Code int    `json:"code,omitempty"`
@@ -122,12 +131,57 @@ func Decode(payload []byte) (Message, error) {
 		return m, fmt.Errorf("%w: %d bytes, the limit is %d", ErrPayload, len(payload), MaxPayload)
 	}
 	if err := json.Unmarshal(payload, &m); err != nil {
-		return Message{}, fmt.Errorf("%w: %v", ErrPayload, err)
+		return Message{}, fmt.Errorf("%w: %s", ErrPayload, jsonProblem(err))
 	}
 	if m.Type == "" {
 		return Message{}, fmt.Errorf("%w: no \"type\" field", ErrPayload)
 	}
 	return m, nil
+}
+
+// jsonProblem says what is wrong with a payload in the protocol's words,
+// never in Go's (no type or struct names).
+func jsonProblem(err error) string {
+	var typeErr *json.UnmarshalTypeError
+	var syntaxErr *json.SyntaxError
+	switch {
+	case errors.As(err, &typeErr):
+		if typeErr.Field == "" {
+			return "not a JSON object"
+		}
+		want := "a string"
+		if k := typeErr.Type.Kind(); k >= reflect.Int && k <= reflect.Int64 {
+			want = "a number"
+		}
+		return fmt.Sprintf("field %q must be %s, not a JSON %s", typeErr.Field, want, typeErr.Value)
+	case errors.As(err, &syntaxErr):
+		return fmt.Sprintf("not valid JSON (at byte %d)", syntaxErr.Offset)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "not valid JSON (it ends too early)"
+	}
+	return "not valid JSON"
+}
+
+// Answer reports whether t is a message type the gateway sends (down).
+func Answer(t string) bool {
+	switch t {
+	case TypeLoginResult, TypeResumeResult, TypeLogoutResult, TypeKick, TypeUserSigExpire, TypeError:
+		return true
+	}
+	return false
+}
+
+// MarshalJSON writes "code" on every answer, also when it is 0 (success),
+// and leaves it out of requests.
+func (m Message) MarshalJSON() ([]byte, error) {
+	type plain Message // without this method
+	if !Answer(m.Type) {
+		return json.Marshal(plain(m))
+	}
+	return json.Marshal(struct {
+		plain
+		Code int `json:"code"`
+	}{plain(m), m.Code})
 }
 
 // Encode returns the JSON form of m.
@@ -138,6 +192,46 @@ func Encode(m Message) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// PeekID returns the "id" of a payload that Decode refused, when the
+// payload is a JSON object whose "id" is a string, so that the error
+// answer can still name the request.
+func PeekID(payload []byte) string {
+	if len(payload) > MaxPayload {
+		return ""
+	}
+	var v struct {
+		ID json.RawMessage `json:"id"`
+	}
+	if json.Unmarshal(payload, &v) != nil {
+		return ""
+	}
+	var id string
+	if json.Unmarshal(v.ID, &id) != nil {
+		return ""
+	}
+	return id
+}
+
+// SetConn returns payload with its "conn" field set to conn (replacing the
+// device's own, if any). A payload that is not a JSON object is returned
+// unchanged: the gateway refuses it anyway.
+func SetConn(payload []byte, conn string) []byte {
+	if len(payload) == 0 || len(payload) > MaxPayload || payload[0] != '{' {
+		return payload
+	}
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(payload, &fields) != nil {
+		return payload
+	}
+	c, _ := json.Marshal(conn)
+	fields["conn"] = c
+	out, err := json.Marshal(fields)
+	if err != nil {
+		return payload
+	}
+	return out
 }
 
 // Topics names the topics under one prefix:

@@ -152,3 +152,81 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestAnswersCarryCode(t *testing.T) {
+	for _, tc := range []struct {
+		m        Message
+		wantCode bool
+	}{
+		{Message{Type: TypeLoginResult, ID: "1", Session: "s"}, true},
+		{Message{Type: TypeLogoutResult, ID: "1"}, true},
+		{Message{Type: TypeResumeResult, Code: 6014, Desc: "x"}, true},
+		{Message{Type: TypeKick, Code: 6208}, true},
+		{Message{Type: TypeError, Code: 6017}, true},
+		{Message{Type: TypeUserSigExpire, Code: 70001}, true},
+		{Message{Type: TypeLogin, ID: "1"}, false},
+		{Message{Type: TypeOffline}, false},
+	} {
+		t.Run(tc.m.Type, func(t *testing.T) {
+			var fields map[string]any
+			if err := json.Unmarshal(Encode(tc.m), &fields); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := fields["code"]; ok != tc.wantCode {
+				t.Errorf("%s: code present = %v, want %v", Encode(tc.m), ok, tc.wantCode)
+			}
+			back, err := Decode(Encode(tc.m))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.m, back); diff != "" {
+				t.Errorf("round trip (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestDecodeErrorsSpeakJSON(t *testing.T) {
+	for _, tc := range []struct {
+		payload string
+		want    string
+		id      string
+	}{
+		{`{"type":5,"id":"a1"}`, `field "type" must be a string, not a JSON number`, "a1"},
+		{`{"type":"login","id":"a2","code":"x"}`, `field "code" must be a number, not a JSON string`, "a2"},
+		{`{"type":"login","id":7}`, `field "id" must be a string`, ""},
+		{`[1,2]`, "not a JSON object", ""},
+		{`"login"`, "not a JSON object", ""},
+		{`{{{`, "not valid JSON", ""},
+		{`{"type":"login"`, "not valid JSON", ""},
+		{`{"id":"a3"}`, `no "type" field`, "a3"},
+	} {
+		t.Run(tc.payload, func(t *testing.T) {
+			_, err := Decode([]byte(tc.payload))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("Decode error %v, want it to mention %q", err, tc.want)
+			}
+			for _, goWord := range []string{"Go ", "struct", "mqtt.", "int64", "unmarshal"} {
+				if err != nil && strings.Contains(err.Error(), goWord) {
+					t.Errorf("error %q shows Go internals (%q)", err, goWord)
+				}
+			}
+			if got := PeekID([]byte(tc.payload)); got != tc.id {
+				t.Errorf("PeekID = %q, want %q", got, tc.id)
+			}
+		})
+	}
+}
+
+func TestSetConn(t *testing.T) {
+	got := SetConn([]byte(`{"type":"offline","conn":"forged","x":1}`), "c-7")
+	m, err := Decode(got)
+	if err != nil || m.Conn != "c-7" || m.Type != TypeOffline {
+		t.Errorf("SetConn = %s (%v)", got, err)
+	}
+	for _, p := range []string{"", "junk", "[1]"} {
+		if got := SetConn([]byte(p), "c"); string(got) != p {
+			t.Errorf("SetConn(%q) = %q, want it unchanged", p, got)
+		}
+	}
+}

@@ -93,6 +93,13 @@ type fileConfig struct {
 	KickedOffline      string `toml:"kicked_offline"` // "succeed" (default) or "fail"
 	TopicPrefix        string `toml:"topic_prefix"`
 	LogLevel           string `toml:"log_level"`
+	// Per-device message rate (messages per second) and burst, at the
+	// embedded broker and at the gateway.
+	DeviceRate  float64 `toml:"device_rate"`
+	DeviceBurst int     `toml:"device_burst"`
+	// How long after its expiry a UserSig still gets a device onto the
+	// embedded broker (a Go duration, default 24h).
+	ExpiredUserSigGrace string `toml:"expired_usersig_grace"`
 }
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
@@ -112,6 +119,24 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	str(&o.Broker, "broker", "external broker URL (tcp://host:1883, ssl://host:8883)")
 	str(&o.BrokerUsername, "broker-username", "username on the external broker")
 	str(&o.BrokerPasswordFile, "broker-password-file", "file holding the broker password")
+	str(&o.BrokerClientID, "client-id", "the gateway's MQTT client id on an external broker; keep it secret (default: a random one kept in the state file)")
+	fs.Func("device-rate", "messages per second one device may send on average (default 10)", func(s string) error {
+		v, err := strconv.ParseFloat(s, 64)
+		if err != nil || v <= 0 {
+			return errors.New("a positive number of messages per second")
+		}
+		o.DeviceRate = v
+		return nil
+	})
+	fs.Func("device-burst", "messages one device may send at once above its rate (default 20)", func(s string) error {
+		v, err := strconv.Atoi(s)
+		if err != nil || v < 1 {
+			return errors.New("a positive whole number")
+		}
+		o.DeviceBurst = v
+		return nil
+	})
+	str(&o.ExpiredUserSigGrace, "expired-usersig-grace", "embedded broker: how long after expiry a UserSig still connects, to hear 70001 (default 24h)")
 	str(&o.TLSCA, "tls-ca", "CA certificate file for ssl:// brokers")
 	str(&o.TLSCert, "tls-cert", "client certificate file")
 	str(&o.TLSKey, "tls-key", "client key file")
@@ -176,6 +201,14 @@ func overlay(fc *fileConfig, o fileConfig) {
 	set(&fc.KickedOffline, o.KickedOffline)
 	set(&fc.TopicPrefix, o.TopicPrefix)
 	set(&fc.LogLevel, o.LogLevel)
+	set(&fc.BrokerClientID, o.BrokerClientID)
+	set(&fc.ExpiredUserSigGrace, o.ExpiredUserSigGrace)
+	if o.DeviceRate != 0 {
+		fc.DeviceRate = o.DeviceRate
+	}
+	if o.DeviceBurst != 0 {
+		fc.DeviceBurst = o.DeviceBurst
+	}
 }
 
 func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
@@ -212,6 +245,37 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 	}
 	cfg.StatePath = fc.State
 	cfg.Admin = fc.Admin
+	if fc.DeviceRate < 0 || fc.DeviceBurst < 0 {
+		return cfg, errors.New("device_rate and device_burst must be positive")
+	}
+	cfg.RateLimit = gateway.DefaultRateLimit
+	if fc.DeviceRate > 0 {
+		cfg.RateLimit.Rate = fc.DeviceRate
+	}
+	if fc.DeviceBurst > 0 {
+		cfg.RateLimit.Burst = fc.DeviceBurst
+	}
+	if fc.ExpiredUserSigGrace != "" {
+		d, err := time.ParseDuration(fc.ExpiredUserSigGrace)
+		if err != nil || d <= 0 {
+			return cfg, fmt.Errorf("expired-usersig-grace %q: use a positive duration such as 24h", fc.ExpiredUserSigGrace)
+		}
+		if fc.EmbeddedBroker == "" {
+			return cfg, errors.New("expired-usersig-grace applies to the embedded broker only: on an external broker the broker's own accounts decide who connects")
+		}
+		cfg.MaxExpiredAge = d
+	}
+	if fc.BrokerClientID != "" {
+		if fc.EmbeddedBroker != "" {
+			return cfg, errors.New("client-id applies to an external broker only: on the embedded broker the gateway's connection is in-process and cannot be claimed")
+		}
+		if err := mqtt.ValidateInstanceID(fc.BrokerClientID); err != nil {
+			return cfg, fmt.Errorf("client-id: %v", err)
+		}
+		if fc.BrokerClientID == "chatgw" || len(fc.BrokerClientID) < 16 {
+			return cfg, fmt.Errorf("client-id %q is guessable: any device account that uses it pushes the gateway off the broker; use 16 or more random characters, or leave it unset for a random one kept in the state file", fc.BrokerClientID)
+		}
+	}
 	switch {
 	case fc.EmbeddedBroker != "" && fc.Broker != "":
 		return cfg, errors.New("choose one of --embedded-broker and --broker")

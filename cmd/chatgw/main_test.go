@@ -115,6 +115,11 @@ func TestServeConfigErrors(t *testing.T) {
 		{"bad policy", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--policy", "quad"}, "single, dual, triple or multi"},
 		{"too many instances", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--max-instances", "Linux=5"}, "1 to 3"},
 		{"admin not loopback", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--admin", "0.0.0.0:9000"}, "not loopback"},
+		{"guessable client id", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--broker", "tcp://127.0.0.1:1", "--client-id", "chatgw"}, "guessable"},
+		{"client id on the embedded broker", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--client-id", "chatgw-0123456789abcdef"}, "external broker only"},
+		{"grace on an external broker", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--broker", "tcp://127.0.0.1:1", "--expired-usersig-grace", "1h"}, "embedded broker only"},
+		{"bad grace", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--expired-usersig-grace", "soon"}, "positive duration"},
+		{"bad device rate", []string{"serve", "--sdkappid", "1", "--key-file", keyFile, "--embedded-broker", "127.0.0.1:0", "--device-rate", "-1"}, "messages per second"},
 		{"unknown config key", []string{"serve", "--config", writeFile(t, "gw.toml", "sdkappid = 1\nkey_fiel = \"x\"\n")}, "key_fiel"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -230,6 +235,15 @@ func TestServeEmbeddedBroker(t *testing.T) {
 	if strings.Contains(g.Log(), testKeyText) {
 		t.Error("the key reached the log")
 	}
+	// docs/admin-api.md: how to tell chatgw serve is ready.
+	if !strings.Contains(g.Log(), `msg="gateway ready: subscribed to the device topics"`) {
+		t.Errorf("no readiness line in the log:\n%s", g.Log())
+	}
+	if resp, err := http.Get("http://" + admin + "/readyz"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("GET /readyz: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	var sessions struct {
 		Sessions []json.RawMessage `json:"sessions"`
 	}
@@ -259,5 +273,58 @@ func TestServeMosquitto(t *testing.T) {
 	scenario(t, dial, func() { b.Stop(); b.Start() })
 	if t.Failed() {
 		t.Logf("mosquitto log:\n%s", b.Log())
+	}
+}
+
+// A gateway on Mosquitto that is killed loses nothing a device sent: its
+// persistent session queues what arrives while it is down, and it
+// acknowledges a message only once handled. After the restart it learns
+// that the device said goodbye while it was away.
+func TestServeMosquittoKilled(t *testing.T) {
+	keyFile := writeFile(t, "key", testKeyText)
+	passFile := writeFile(t, "gwpass", "gw-secret\n")
+	b := mosquittotest.Start(t, mosquittotest.Config{
+		ACLFile: mosquittotest.ACLTemplate(t),
+		Users:   map[string]string{"chatgw": "gw-secret", "dev-42": "dev-pass"},
+		Shipped: true,
+	})
+	state := filepath.Join(t.TempDir(), "state.db")
+	admin := proctest.FreePort(t)
+	g := proctest.Start(t, proctest.Binary(t, "chatgw"), "serve", "--sdkappid", "1400000001", "--key-file", keyFile, "--broker", b.URL(),
+		"--broker-username", "chatgw", "--broker-password-file", passFile, "--state", state, "--admin", admin)
+	sig := sigFor(t, "dev-42", time.Hour)
+	a := dialRetry(t, mqtt.DialOptions{Brokers: []string{b.URL()}, UserID: "dev-42", Instance: "inst-a", Username: "dev-42", Password: "dev-pass"})
+	if r := requestRetry(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}); r.Code != 0 {
+		t.Fatalf("login: %+v", r)
+	}
+	online := func() (bool, int) {
+		resp, err := http.Get("http://" + admin + "/v1/users/dev-42")
+		if err != nil {
+			return false, -1
+		}
+		defer resp.Body.Close()
+		var u struct {
+			Sessions []struct {
+				Online bool `json:"online"`
+			} `json:"sessions"`
+		}
+		json.NewDecoder(resp.Body).Decode(&u)
+		if len(u.Sessions) != 1 {
+			return false, len(u.Sessions)
+		}
+		return u.Sessions[0].Online, 1
+	}
+	if on, n := online(); !on || n != 1 {
+		t.Fatalf("before the kill: online=%v sessions=%d", on, n)
+	}
+	g.Kill()
+	a.Close(true) // the goodbye reaches only the broker
+	g.Start()
+	proctest.Wait(t, 15*time.Second, "the goodbye sent while the gateway was down to be applied", func() bool {
+		on, n := online()
+		return n == 1 && !on
+	})
+	if !strings.Contains(g.Log(), "gateway ready") {
+		t.Error("no readiness line after the restart")
 	}
 }

@@ -187,8 +187,9 @@ func TestSpoofedDownMessageDropped(t *testing.T) {
 	}
 }
 
-// The ACL cannot reserve a client id: any device can connect as "chatgw" and
-// so take over the gateway's persistent session. Mosquitto then starts a
+// The ACL cannot reserve a client id: any device that knows the gateway's
+// client id can connect with it and so take over the gateway's persistent
+// session (which is why chatgw's client id is random and secret). Mosquitto then starts a
 // fresh session, because the username differs, so the device gets none of the
 // requests queued for the gateway (they are lost: a denial of service, not a
 // leak; see build/mosquitto/README.md). The gateway itself resuming is the

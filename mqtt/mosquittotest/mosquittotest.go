@@ -52,6 +52,9 @@ type Config struct {
 	// Prefix, if set and not "chat", replaces the leading "chat" of every
 	// topic and pattern in ACLFile, the way build/mosquitto/acl says to.
 	Prefix string
+	// Shipped adds the settings of build/mosquitto/mosquitto.conf's
+	// "Protocol behaviour" section (ShippedSettings).
+	Shipped bool
 }
 
 // Broker is a running (or stopped) Mosquitto.
@@ -97,6 +100,10 @@ func Start(t testing.TB, cfg Config) *Broker {
 		writePasswords(t, passwdPath, cfg.Users)
 	}
 
+	var extra []string
+	if cfg.Shipped {
+		extra = ShippedSettings(t)
+	}
 	t.Cleanup(func() {
 		b.Stop()
 		if t.Failed() {
@@ -113,7 +120,7 @@ func Start(t testing.TB, cfg Config) *Broker {
 			t.Fatalf("finding a free port: %v", err)
 		}
 		b.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		if err := os.WriteFile(b.conf, []byte(config(port, aclPath, passwdPath)), 0o644); err != nil {
+		if err := os.WriteFile(b.conf, []byte(config(port, aclPath, passwdPath, extra)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		err = b.start()
@@ -128,9 +135,12 @@ func Start(t testing.TB, cfg Config) *Broker {
 }
 
 // config is the content of mosquitto.conf.
-func config(port int, aclPath, passwdPath string) string {
+func config(port int, aclPath, passwdPath string, extra []string) string {
 	var c strings.Builder
 	c.WriteString("# Written by chatd/mqtt/mosquittotest for one test.\n")
+	for _, line := range extra {
+		c.WriteString(line + "\n")
+	}
 	fmt.Fprintf(&c, "listener %d 127.0.0.1\n", port)
 	if passwdPath != "" {
 		c.WriteString("allow_anonymous false\n")
@@ -364,6 +374,38 @@ func ACLTemplate(t testing.TB) string {
 		t.Fatalf("ACL template: %v", err)
 	}
 	return p
+}
+
+// shippedSection starts the section of build/mosquitto/mosquitto.conf that
+// ShippedSettings returns.
+const shippedSection = "# --- Protocol behaviour."
+
+// ShippedSettings returns the setting lines of the "Protocol behaviour"
+// section of build/mosquitto/mosquitto.conf, the settings that shape what
+// devices and the gateway see, so that test brokers run with them.
+func ShippedSettings(t testing.TB) []string {
+	t.Helper()
+	p := filepath.Join(proctest.ModuleRoot(t), "build", "mosquitto", "mosquitto.conf")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("shipped configuration: %v", err)
+	}
+	var out []string
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		switch {
+		case strings.HasPrefix(line, shippedSection):
+			in = true
+		case strings.HasPrefix(line, "# ---"):
+			in = false
+		case in && line != "" && !strings.HasPrefix(line, "#"):
+			out = append(out, line)
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("%s has no section %q with settings", p, shippedSection)
+	}
+	return out
 }
 
 // logBuffer collects the broker's output and wakes up waiters on each write.

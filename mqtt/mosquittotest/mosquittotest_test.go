@@ -5,9 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/google/go-cmp/cmp"
 
 	"chatd/mqtt"
@@ -105,5 +107,37 @@ func TestACLTemplate(t *testing.T) {
 	}
 	if _, err := os.Stat(p); err != nil {
 		t.Error(err)
+	}
+}
+
+// The shipped settings: Nagle off, and no retained messages (a client that
+// publishes one is disconnected and its message is not kept).
+func TestShippedSettings(t *testing.T) {
+	got := mosquittotest.ShippedSettings(t)
+	for _, want := range []string{"set_tcp_nodelay true", "retain_available false"} {
+		if !slices.Contains(got, want) {
+			t.Errorf("shipped settings %q lack %q", got, want)
+		}
+	}
+	b := mosquittotest.Start(t, mosquittotest.Config{ACLFile: mosquittotest.ACLTemplate(t), Users: users, Shipped: true})
+	alice := connect(t, b, "alice", "inst-a")
+	lost := make(chan struct{})
+	alice2 := connect(t, b, "alice", "inst-r", func(o *paho.ClientOptions) {
+		o.SetConnectionLostHandler(func(paho.Client, error) { close(lost) })
+	})
+	alice2.c.Publish(topics.Up("alice", "inst-r"), 1, true, "retained login")
+	select {
+	case <-lost:
+	case <-time.After(waitTimeout):
+		t.Error("a client publishing a retained message stayed connected")
+	}
+	// Nothing was retained: a new subscriber to the up topics gets nothing
+	// before the marker.
+	gw := connect(t, b, "chatgw", "chatgw-x")
+	gw.subscribe(t, topics.UpFilter())
+	marker := msg{topics.Up("alice", "inst-a"), "marker"}
+	alice.publish(t, marker.Topic, marker.Payload)
+	if diff := cmp.Diff([]msg{marker}, gw.in.until(t, marker)); diff != "" {
+		t.Errorf("the gateway received (-want +got):\n%s", diff)
 	}
 }
