@@ -509,26 +509,37 @@ func readMachineID() string {
 
 // classifyDialErr maps a failed connection to a code and says whether
 // retrying can help. The broker's CONNACK refusals are typed (paho's
-// packets errors, wrapped by chatd/mqtt): see docs/protocol.md for what the
-// embedded broker means by each.
-func classifyDialErr(err error, brokerAccount bool) (code int, desc string, permanent bool) {
+// packets errors, wrapped by chatd/mqtt); docs/protocol.md says what the
+// embedded broker means by each. With a broker account of its own
+// (brokerAccount), a refusal is about that account, not the UserSig.
+func classifyDialErr(err error, brokerAccount bool, user string, sig usersig.Secret) (code int, desc string, permanent bool) {
 	rc, refused := mqtt.RefusalCode(err)
 	if !refused {
 		return codes.ServerTimeout, err.Error(), false
 	}
+	if brokerAccount && (rc == mqtt.RefusedBadUsernameOrPassword || rc == mqtt.RefusedNotAuthorized) {
+		return codes.InvalidParams, "the broker refused the account (" + err.Error() + "): check [mqtt] username and password_file", true
+	}
 	switch rc {
-	case mqtt.RefusedBadUsernameOrPassword, mqtt.RefusedNotAuthorized:
-		if brokerAccount {
-			return codes.InvalidParams, "the broker refused the account (" + err.Error() + "): check [mqtt] username and password_file", true
+	case mqtt.RefusedBadUsernameOrPassword:
+		// The UserSig did not verify: say why, as far as the device can
+		// tell from the UserSig itself.
+		t, derr := usersig.Decode(sig.Reveal())
+		switch {
+		case derr != nil:
+			return usersig.CodeOf(derr), "the broker refused the UserSig at CONNECT: " + derr.Error(), true
+		case t.Identifier != user:
+			return codes.UserSigWrongUser, fmt.Sprintf("the broker refused the UserSig at CONNECT: it is for %q, not %q", t.Identifier, user), true
 		}
-		if rc == mqtt.RefusedNotAuthorized {
-			return codes.UserSigExpired, "the broker refused the UserSig at CONNECT: it expired long ago; get a new UserSig", true
-		}
-		return codes.UserSigInvalid, "the broker refused the UserSig at CONNECT (" + err.Error() + "): it does not verify; check the UserSig and the SDKAppID", true
+		return codes.UserSigWrongKey, "the broker refused the UserSig at CONNECT: it is not signed with this app's key and SDKAppID", true
+	case mqtt.RefusedNotAuthorized:
+		return codes.UserSigExpired, "the broker refused the UserSig at CONNECT: it expired long ago; get a new UserSig", true
 	case mqtt.RefusedIdentifierRejected:
-		return codes.InvalidParams, "the broker rejected the client id (instance id) (" + err.Error() + ")", true
+		return codes.InvalidParams, "the broker rejected the client id (the instance id " + err.Error() + "): another user's device may hold it; see docs/protocol.md", true
 	case mqtt.RefusedBadProtocolVersion:
 		return codes.InvalidParams, "the broker does not speak MQTT 3.1.1 (" + err.Error() + ")", true
+	case mqtt.RefusedServerUnavailable:
+		return codes.ServerTimeout, "the broker is unavailable for now (" + err.Error() + "); retrying", false
 	}
 	return codes.ServerTimeout, err.Error(), false
 }

@@ -59,7 +59,9 @@ package daemon
 //	| Idle       | logout: nothing to do                                      | Idle       | persist, answer 0
 //	| Dialing    | dialed: send login                                         | Requesting | send login
 //	| Dialing    | refused: retry with backoff                                | WaitRetry  | emit onConnectFailed:70169
-//	| Dialing    | bad credentials at CONNECT: permanent                      | Idle       | persist, emit onConnectFailed:70003, answer 70003, emit LOGOUT
+//	| Dialing    | UserSig refused at CONNECT (4): permanent, 70009           | Idle       | persist, emit onConnectFailed:70009, answer 70009, emit LOGOUT
+//	| Dialing    | UserSig expired long ago at CONNECT (5): 70001             | Idle       | persist, emit onConnectFailed:70001, emit onUserSigExpired:70001, answer 70001, emit LOGOUT
+//	| Dialing    | broker unavailable (3, flooding): retry                    | WaitRetry  | emit onConnectFailed:70169
 //	| Requesting | login ok: online, answered after persist                   | Online     | persist, emit onConnectSuccess, answer 0, emit LOGINED
 //	| Requesting | 70050: wait the minute on the same connection              | WaitRetry  | emit onConnectFailed:70050
 //	| Requesting | permanent code: LOGOUT                                     | Idle       | persist, answer 70009, close goodbye, emit LOGOUT

@@ -295,6 +295,7 @@ type machine struct {
 	conn     uint64 // current connection, 0 none
 	ready    bool   // conn is established (not still dialling)
 	connUser string
+	connSig  usersig.Secret // the UserSig the connection was dialled with
 	connAt   time.Duration
 	connSeq  uint64
 	req      *request
@@ -893,6 +894,7 @@ func (m *machine) dial(user string, sig usersig.Secret, why string) {
 	m.conn = m.connSeq
 	m.ready = false
 	m.connUser = user
+	m.connSig = sig
 	m.online = false
 	m.setPhase(PhaseDialing, why)
 	m.reportStatus()
@@ -1152,8 +1154,9 @@ func (m *machine) onDialed(e EvDialed) {
 		return
 	}
 	if e.Err != nil {
+		user := m.connUser
 		m.conn, m.ready, m.connUser = 0, false, ""
-		code, desc, permanent := classifyDialErr(e.Err, m.cfg.BrokerAccount)
+		code, desc, permanent := classifyDialErr(e.Err, m.cfg.BrokerAccount, user, m.connSig)
 		if permanent {
 			m.refused(code, desc)
 			return

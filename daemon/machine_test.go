@@ -237,11 +237,25 @@ var transitionCases = []transitionCase{
 		want:      []string{"emit onConnectFailed:70169"},
 	},
 	{
-		name:      "Dialing + bad credentials at CONNECT: permanent",
+		name:      "Dialing + UserSig refused at CONNECT (4): permanent, 70009",
 		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
 		event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: refusal(4)} },
 		wantPhase: PhaseIdle,
-		want:      []string{"persist", "emit onConnectFailed:70003", "answer w1 70003", "emit onLoginStatusChanged:LOGOUT"},
+		want:      []string{"persist", "emit onConnectFailed:70009", "answer w1 70009", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Dialing + UserSig expired long ago at CONNECT (5): 70001",
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
+		event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: refusal(5)} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "emit onConnectFailed:70001", "emit onUserSigExpired:70001", "answer w1 70001", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Dialing + broker unavailable (3, flooding): retry",
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42", Sig: sig(d.t)}) },
+		event:     func(d *drv) Event { return EvDialed{Conn: 1, Err: refusal(3)} },
+		wantPhase: PhaseWaitRetry,
+		want:      []string{"emit onConnectFailed:70169"},
 	},
 	{
 		name:  "Requesting + login ok: online, answered after persist",

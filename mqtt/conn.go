@@ -90,6 +90,7 @@ type Conn struct {
 	once    sync.Once
 	seq     atomic.Uint64
 	idBase  string
+	connID  string // names this connection in the Will, the goodbye and requests
 	resend  time.Duration
 	netMu   sync.Mutex
 	netConn net.Conn // the network connection under paho, for Abort
@@ -130,6 +131,9 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 		idBase:   hex.EncodeToString(b),
 		resend:   o.ResendInterval,
 	}
+	cb := make([]byte, 8)
+	rand.Read(cb)
+	c.connID = "c" + hex.EncodeToString(cb)
 	po := paho.NewClientOptions()
 	for _, u := range o.Brokers {
 		po.AddBroker(u)
@@ -168,7 +172,9 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 		}
 		return nc, err
 	})
-	po.SetBinaryWill(o.Topics.Up(o.UserID, o.Instance), Encode(Message{Type: TypeOffline}), QoSWill, false)
+	// The Will names this connection, so that the gateway ignores it when
+	// it comes after a newer connection's login (per-connection presence).
+	po.SetBinaryWill(o.Topics.Up(o.UserID, o.Instance), Encode(Message{Type: TypeOffline, Conn: c.connID}), QoSWill, false)
 	po.SetConnectionLostHandler(func(_ paho.Client, err error) { c.markLost(err) })
 	c.c = paho.NewClient(po)
 
@@ -267,6 +273,9 @@ func (c *Conn) Request(ctx context.Context, m Message) (Message, error) {
 	if m.ID == "" {
 		m.ID = fmt.Sprintf("%s-%d", c.idBase, c.seq.Add(1))
 	}
+	if m.Conn == "" {
+		m.Conn = c.connID
+	}
 	ch := make(chan Message, 1)
 	c.mu.Lock()
 	c.pending[m.ID] = ch
@@ -333,7 +342,7 @@ func pingTimeout(keepAlive time.Duration) time.Duration {
 func (c *Conn) Close(goodbye bool) {
 	if goodbye && c.c.IsConnectionOpen() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = c.publish(ctx, Message{Type: TypeOffline})
+		_ = c.publish(ctx, Message{Type: TypeOffline, Conn: c.connID})
 		cancel()
 	}
 	c.c.Disconnect(250)

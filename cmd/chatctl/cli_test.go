@@ -40,6 +40,8 @@ func testStatus() client.Status {
 		Session:          "s-1",
 		Instance:         "inst-1",
 		Broker:           "tcp://gw:1883",
+		Phase:            "Online",
+		StatePersisted:   true,
 	}
 }
 
@@ -198,7 +200,9 @@ instance:    inst-1
   "since": "2026-04-30T12:00:00Z",
   "session": "s-1",
   "instance": "inst-1",
-  "broker": "tcp://gw:1883"
+  "broker": "tcp://gw:1883",
+  "phase": "Online",
+  "state_persisted": true
 }
 `,
 		},
@@ -468,7 +472,7 @@ func TestWatch(t *testing.T) {
 		{
 			name: "json",
 			args: []string{"watch", "--json"},
-			want: `{"type":"status","time":"2026-04-30T12:05:00Z","status":{"login_status":1,"login_status_name":"LOGINED","user_id":"alice","connected":true,"connection":"connected","usersig_expires_at":"2026-05-01T12:00:00Z","server_time_offset":12,"clock_trusted":true,"last_error":{"code":0,"message":""},"since":"2026-04-30T12:00:00Z","session":"s-1","instance":"inst-1","broker":"tcp://gw:1883"}}
+			want: `{"type":"status","time":"2026-04-30T12:05:00Z","status":{"login_status":1,"login_status_name":"LOGINED","user_id":"alice","connected":true,"connection":"connected","usersig_expires_at":"2026-05-01T12:00:00Z","server_time_offset":12,"clock_trusted":true,"last_error":{"code":0,"message":""},"since":"2026-04-30T12:00:00Z","session":"s-1","instance":"inst-1","broker":"tcp://gw:1883","phase":"Online","state_persisted":true}}
 {"type":"onConnectFailed","time":"2026-04-30T12:05:01Z","code":6206,"desc":"expired"}
 {"type":"onLoginStatusChanged","time":"2026-04-30T12:05:02Z","login_status":3}
 `,
