@@ -98,6 +98,12 @@ func (c *cmd) formatStatus(st client.Status) string {
 	if st.Instance != "" {
 		line("instance", "%s", st.Instance)
 	}
+	if st.PendingLogouts > 0 {
+		line("logouts", "%d not yet delivered to the gateway (sent when the connection is back)", st.PendingLogouts)
+	}
+	if !st.StatePersisted && st.StateError != "" {
+		line("state", "NOT PERSISTED: %s (logins and logouts will not survive a restart; fix the state directory, then restart chatd)", st.StateError)
+	}
 	return b.String()
 }
 
