@@ -23,20 +23,20 @@ const DefaultConfigPath = "/etc/chatd/chatd.toml"
 // Config is chatd's configuration (chatd.toml). The top-level keys are the
 // ones users and scripts rely on; the rest is grouped in sections.
 type Config struct {
-	SDKAppID       uint64    `toml:"sdkappid"`
-	UserID         string    `toml:"user_id"`
-	Platform       string    `toml:"platform"`
-	Broker         Brokers   `toml:"broker"`
-	UserSigFile    string    `toml:"usersig_file"`
-	UserSigCommand string    `toml:"usersig_command"`
-	StateDB        string    `toml:"state_db"`
-	Socket         string    `toml:"socket"`
-	MQTT           MQTT      `toml:"mqtt"`
-	Reconnect      Backoff   `toml:"reconnect"`
-	UserSig        UserSig   `toml:"usersig"`
-	Kick           Kick      `toml:"kick"`
-	API            API       `toml:"api"`
-	Log            LogConfig `toml:"log"`
+	SDKAppID       uint64          `toml:"sdkappid"`
+	UserID         string          `toml:"user_id"`
+	Platform       string          `toml:"platform"`
+	Broker         Brokers         `toml:"broker"`
+	UserSigFile    string          `toml:"usersig_file"`
+	UserSigCommand string          `toml:"usersig_command"`
+	StateDB        string          `toml:"state_db"`
+	Socket         string          `toml:"socket"`
+	MQTT           MQTTConfig      `toml:"mqtt"`
+	Reconnect      ReconnectConfig `toml:"reconnect"`
+	UserSig        UserSigConfig   `toml:"usersig"`
+	Kick           KickConfig      `toml:"kick"`
+	API            APIConfig       `toml:"api"`
+	Log            LogConfig       `toml:"log"`
 }
 
 // Brokers is one broker URL or a list, tried in order.
@@ -63,8 +63,8 @@ func (b *Brokers) UnmarshalTOML(v any) error {
 	return nil
 }
 
-// MQTT is the [mqtt] section: how to reach the broker.
-type MQTT struct {
+// MQTTConfig is the [mqtt] section: how to reach the broker.
+type MQTTConfig struct {
 	// KeepAlive bounds how long a dead connection goes unnoticed (both
 	// ends); the broker's Will tells the gateway after 1.5 keepalives.
 	KeepAlive Duration `toml:"keepalive"`
@@ -85,8 +85,8 @@ type MQTT struct {
 	TopicPrefix string `toml:"topic_prefix"`
 }
 
-// Backoff is the [reconnect] section: jittered exponential backoff.
-type Backoff struct {
+// ReconnectConfig is the [reconnect] section: jittered exponential backoff.
+type ReconnectConfig struct {
 	MinDelay Duration `toml:"min_delay"`
 	MaxDelay Duration `toml:"max_delay"`
 	// StableAfter is how long a connection must stay up before the backoff
@@ -94,8 +94,8 @@ type Backoff struct {
 	StableAfter Duration `toml:"stable_after"`
 }
 
-// UserSig is the [usersig] section.
-type UserSig struct {
+// UserSigConfig is the [usersig] section.
+type UserSigConfig struct {
 	// RenewMargin: a new UserSig is fetched with usersig_command this long
 	// before the current one expires (by the gateway's clock).
 	RenewMargin Duration `toml:"renew_margin"`
@@ -103,8 +103,8 @@ type UserSig struct {
 	CommandTimeout Duration `toml:"command_timeout"`
 }
 
-// Kick is the [kick] section: what to do after being kicked offline.
-type Kick struct {
+// KickConfig is the [kick] section: what to do after being kicked offline.
+type KickConfig struct {
 	// After is "stay" (default, like the SDK: stay logged out until told)
 	// or "relogin" (log in again after Delay, doubled with each kick up to
 	// MaxDelay).
@@ -113,8 +113,8 @@ type Kick struct {
 	MaxDelay Duration `toml:"relogin_max_delay"`
 }
 
-// API is the [api] section: the local socket's permissions.
-type API struct {
+// APIConfig is the [api] section: the local socket's permissions.
+type APIConfig struct {
 	// SocketGroup owns the socket (mode 0660): its members may read status.
 	SocketGroup string `toml:"socket_group"`
 	// OperatorGroup's members may also log in and out (root and the
@@ -150,22 +150,22 @@ func DefaultConfig() Config {
 		Broker:   Brokers{"tcp://127.0.0.1:1883"},
 		StateDB:  "/var/lib/chatd/state.db",
 		Socket:   "/run/chatd/chatd.sock",
-		MQTT: MQTT{
+		MQTT: MQTTConfig{
 			KeepAlive:      Duration{30 * time.Second},
 			ConnectTimeout: Duration{10 * time.Second},
 			RequestTimeout: Duration{15 * time.Second},
 			TopicPrefix:    mqtt.DefaultPrefix,
 		},
-		Reconnect: Backoff{
+		Reconnect: ReconnectConfig{
 			MinDelay:    Duration{time.Second},
 			MaxDelay:    Duration{2 * time.Minute},
 			StableAfter: Duration{time.Minute},
 		},
-		UserSig: UserSig{
+		UserSig: UserSigConfig{
 			RenewMargin:    Duration{time.Hour},
 			CommandTimeout: Duration{30 * time.Second},
 		},
-		Kick: Kick{
+		Kick: KickConfig{
 			After:    "stay",
 			Delay:    Duration{time.Minute},
 			MaxDelay: Duration{time.Hour},
