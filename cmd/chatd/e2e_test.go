@@ -312,6 +312,37 @@ func scenario(t *testing.T, e *env) {
 		})
 	})
 
+	t.Run("a logout while the broker is down reaches the gateway when it is back", func(t *testing.T) {
+		ctx := context.Background()
+		if r, err := a.c.Login(ctx, "dev-42", runHelper(t, e, "dev-42")); err != nil || r.Code != 0 {
+			t.Fatalf("login: %+v %v", r, err)
+		}
+		session := a.waitLogined().Session
+		if !strings.Contains(e.gatewaySessions("dev-42"), session) {
+			t.Fatalf("the gateway does not show %s: %s", session, e.gatewaySessions("dev-42"))
+		}
+		restart := e.stopBroker(t)
+		a.waitFor("disconnected", func(s client.Status) bool { return !s.Connected })
+		r, err := a.c.Logout(ctx)
+		if err != nil || r.Code != 0 || r.Data.LoginStatus != client.Logout || r.Data.PendingLogouts != 1 {
+			t.Fatalf("logout while disconnected: %+v %v", r, err)
+		}
+		// chatd restarts before the broker is back: the logout is kept.
+		a.p.Stop()
+		a.p.Start()
+		if s := a.waitFor("restarted", func(s client.Status) bool { return s.Instance != "" }); s.PendingLogouts != 1 || s.LoginStatus != client.Logout {
+			t.Errorf("after the restart: %+v", s)
+		}
+		restart()
+		a.waitFor("the logout delivered", func(s client.Status) bool { return s.PendingLogouts == 0 })
+		proctest.Wait(t, 10*time.Second, "the session gone from the gateway", func() bool {
+			return !strings.Contains(e.gatewaySessions("dev-42"), session)
+		})
+		if s := a.status(); s.LoginStatus != client.Logout {
+			t.Errorf("after delivery: %+v", s)
+		}
+	})
+
 	t.Run("nothing logs a UserSig", func(t *testing.T) {
 		sig := runHelper(t, e, "dev-42")
 		tk, _ := usersig.Decode(sig)
