@@ -112,6 +112,7 @@ type Daemon struct {
 	// Owned by the state goroutine.
 	m          *machine
 	conns      map[uint64]Conn
+	closing    []chan struct{} // closes under way, which the next dial waits for
 	helperStop context.CancelFunc
 	waiters    map[uint64]chan loginReply
 	waiterSeq  atomic.Uint64
@@ -327,7 +328,10 @@ func (d *Daemon) exec(ctx context.Context, effects []Effect) {
 		case CloseConn:
 			if c := d.conns[e.Conn]; c != nil {
 				delete(d.conns, e.Conn)
+				closed := make(chan struct{})
+				d.closing = append(d.closing, closed)
 				d.goTracked(func() {
+					defer close(closed)
 					if e.Abort {
 						c.Abort()
 					} else {
@@ -402,7 +406,19 @@ func (d *Daemon) persist(st storage.State) string {
 func (d *Daemon) dial(ctx context.Context, e Dial) {
 	p := DialParams{UserID: e.UserID, Instance: e.Instance, UserSig: e.Sig}
 	timeout := d.cfg.MQTT.ConnectTimeout.Duration + time.Second
+	// The connections being closed use the same client id: the broker
+	// must have let go of them first (an account switch would otherwise
+	// be refused as a takeover of another user's client id).
+	closing := d.closing
+	d.closing = nil
 	d.goTracked(func() {
+		for _, c := range closing {
+			select {
+			case <-c:
+			case <-ctx.Done():
+				return
+			}
+		}
 		cctx, cancel := context.WithTimeout(ctx, timeout)
 		conn, err := d.dialer.Dial(cctx, p)
 		cancel()

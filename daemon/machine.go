@@ -268,6 +268,9 @@ type request struct {
 // maxPendingLogouts bounds the logouts kept for delivery.
 const maxPendingLogouts = 4
 
+// maxIDRejects is how many client-id refusals in a row are retried.
+const maxIDRejects = 3
+
 // maxHeld bounds the pushes held while a login's answer is outstanding.
 const maxHeld = 4
 
@@ -306,6 +309,8 @@ type machine struct {
 	retryAt  time.Duration
 	stableAt time.Duration
 	quick    int // connections lost right after CONNACK, in a row
+	// idRejects counts client-id refusals in a row (maxIDRejects).
+	idRejects int
 
 	helper       bool // usersig_command is running
 	helperGen    uint64
@@ -1157,6 +1162,13 @@ func (m *machine) onDialed(e EvDialed) {
 		user := m.connUser
 		m.conn, m.ready, m.connUser = 0, false, ""
 		code, desc, permanent := classifyDialErr(e.Err, m.cfg.BrokerAccount, user, m.connSig)
+		if rc, ok := mqtt.RefusalCode(e.Err); ok && rc == mqtt.RefusedIdentifierRejected && m.idRejects < maxIDRejects {
+			// The client id may still be held by this device's own
+			// connection the broker has not let go of yet: retry a few
+			// times before calling it permanent.
+			m.idRejects++
+			permanent = false
+		}
 		if permanent {
 			m.refused(code, desc)
 			return
@@ -1165,6 +1177,7 @@ func (m *machine) onDialed(e EvDialed) {
 		return
 	}
 	m.ready = true
+	m.idRejects = 0
 	m.connAt = m.now.Mono
 	m.stableAt = m.now.Mono + m.cfg.StableAfter
 	m.proceed()
