@@ -84,12 +84,6 @@ func All() []int {
 	return out
 }
 
-// Known reports whether the code is in the table.
-func Known(code int) bool {
-	_, ok := table[code]
-	return ok
-}
-
 // Meaning says what a code means: "UserSig expired".
 func Meaning(code int) string {
 	if i, ok := table[code]; ok {

@@ -388,14 +388,12 @@ func (d *Daemon) persist(st storage.State) string {
 			d.persistLog = now
 		}
 		d.persistErr = err
-		d.m.persistErr = err.Error()
 		d.metrics.persistFailures.Inc()
 		return "not persisted: " + err.Error()
 	}
 	if d.persistErr != nil {
 		d.log.Info("saving state works again")
 		d.persistErr = nil
-		d.m.persistErr = ""
 	}
 	if wrote {
 		d.metrics.writes.Inc()

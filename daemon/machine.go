@@ -111,22 +111,19 @@ type (
 	}
 	// EvTick: time passed (a timer fired, or the heartbeat).
 	EvTick struct{}
-	// EvPersisted: the last Persist failed (Err) or succeeded again.
-	EvPersisted struct{ Err error }
 	// EvStop: the daemon is shutting down.
 	EvStop struct{}
 )
 
-func (EvLogin) isEvent()     {}
-func (EvLogout) isEvent()    {}
-func (EvDialed) isEvent()    {}
-func (EvAnswered) isEvent()  {}
-func (EvPush) isEvent()      {}
-func (EvConnLost) isEvent()  {}
-func (EvHelper) isEvent()    {}
-func (EvTick) isEvent()      {}
-func (EvPersisted) isEvent() {}
-func (EvStop) isEvent()      {}
+func (EvLogin) isEvent()    {}
+func (EvLogout) isEvent()   {}
+func (EvDialed) isEvent()   {}
+func (EvAnswered) isEvent() {}
+func (EvPush) isEvent()     {}
+func (EvConnLost) isEvent() {}
+func (EvHelper) isEvent()   {}
+func (EvTick) isEvent()     {}
+func (EvStop) isEvent()     {}
 
 // Effects: everything the machine asks the runner to do, in order.
 type (
@@ -328,9 +325,8 @@ type machine struct {
 	anchorMono   time.Duration
 	anchorServer time.Time
 
-	lastErr    storage.ErrorInfo // shown in the status; not persisted unless it ended the login
-	held       []mqtt.Message
-	persistErr string
+	lastErr storage.ErrorInfo // shown in the status; not persisted unless it ended the login
+	held    []mqtt.Message
 
 	now Instant
 	out []Effect
@@ -472,12 +468,6 @@ func (m *machine) handle(now Instant, ev Event) []Effect {
 	case EvHelper:
 		m.onHelper(e)
 	case EvTick:
-	case EvPersisted:
-		if e.Err != nil {
-			m.persistErr = e.Err.Error()
-		} else {
-			m.persistErr = ""
-		}
 	case EvStop:
 		m.onStop()
 		return m.finish()
@@ -687,20 +677,10 @@ func (m *machine) nextUsable() bool {
 	return !m.next.IsZero() && !m.expired(m.nextInfo)
 }
 
-// renewDue: the UserSig should be renewed: renew_margin before the expiry,
-// but never before half its life, so that short-lived UserSigs do not make
-// a renewal loop.
+// renewDue: the UserSig should be renewed now (renewAt).
 func (m *machine) renewDue() bool {
-	if !m.cfg.Helper || m.cfg.RenewMargin <= 0 || m.sig.expires.IsZero() || !m.trusted() || !m.next.IsZero() {
-		return false
-	}
-	at := m.sig.expires.Add(-m.cfg.RenewMargin)
-	if !m.sig.issued.IsZero() {
-		if half := m.sig.issued.Add(m.sig.expires.Sub(m.sig.issued) / 2); at.Before(half) {
-			at = half
-		}
-	}
-	return !m.serverNow().Before(at)
+	at := m.renewAt()
+	return !at.IsZero() && m.trusted() && !m.serverNow().Before(at)
 }
 
 // nextWake is when the machine wants an EvTick at the latest (0: no timer).
@@ -738,6 +718,10 @@ func (m *machine) nextWake() time.Duration {
 	return at
 }
 
+// renewAt is when to renew the UserSig: renew_margin before the expiry,
+// but never before half its life, so that short-lived UserSigs do not make
+// a renewal loop. Zero: no renewal due (none configured, one running or
+// failing, or a newer UserSig waiting).
 func (m *machine) renewAt() time.Time {
 	if !m.cfg.Helper || m.cfg.RenewMargin <= 0 || m.sig.expires.IsZero() || !m.next.IsZero() || m.helper || m.renewFailed {
 		return time.Time{}
@@ -1301,9 +1285,6 @@ func (m *machine) onAnswered(e EvAnswered) {
 		// online), and start over.
 		m.out = append(m.out, CloseConn{Conn: m.conn, Abort: true})
 		m.conn, m.ready, m.connUser, m.online, m.stableAt = 0, false, "", false, 0
-		if req.msg.Type == mqtt.TypeLogin && m.phase == PhaseOnline {
-			// A renewal went unanswered: the session is still ours.
-		}
 		m.failed(codes.ServerTimeout, "no answer to "+req.msg.Type+": "+e.Err.Error(), m.backoff())
 		return
 	}
