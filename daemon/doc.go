@@ -76,6 +76,15 @@ package daemon
 //	| Online     | login as another user: log out first                       | Requesting | persist, send logout, emit LOGINING
 //	| WaitRetry  | logout: pending logout persisted, answered at once         | Dialing    | persist, emit LOGOUT, emit onConnecting, dial, answer 0
 //	| KickedWait | logout: the relogin is cancelled                           | Idle       | persist, answer 0
+//	| Idle       | login without UserSig, helper configured: fetch            | Fetching   | helper, emit LOGINING
+//	| Fetching   | helper prints a UserSig: dial                              | Dialing    | persist, emit onConnecting, dial
+//	| Fetching   | helper fails for a login someone asked for: LOGOUT 6206    | Idle       | persist, answer 6206, emit LOGOUT
+//	| Fetching   | logout: the helper is cancelled                            | Idle       | persist, answer 6014, cancel helper, answer 0, emit LOGOUT
+//	| WaitRetry  | tick when due: dial again (resume follows)                 | Dialing    | emit onConnecting, dial
+//	| KickedWait | tick when due: log in again                                | Dialing    | emit LOGINING, emit onConnecting, dial
+//	| Online     | tick at renewal time: run the helper, stay online          | Online     | helper
+//	| Online     | a late answer on an old connection: dropped                | Online     | -
+//	| Stopped    | anything: nothing                                          | Stopped    | -
 //	| Online     | stop: goodbye, no logout                                   | Stopped    | close goodbye
 //
 // End of the table.

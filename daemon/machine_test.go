@@ -376,6 +376,88 @@ var transitionCases = []transitionCase{
 		want:      []string{"persist", "answer w9 0"},
 	},
 	{
+		name:      "Idle + login without UserSig, helper configured: fetch",
+		opts:      []dopt{withHelper()},
+		event:     func(d *drv) Event { return EvLogin{Waiter: 1, UserID: "dev-42"} },
+		wantPhase: PhaseFetching,
+		want:      []string{"helper", "emit onLoginStatusChanged:LOGINING"},
+	},
+	{
+		name:      "Fetching + helper prints a UserSig: dial",
+		opts:      []dopt{withHelper()},
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42"}) },
+		event:     func(d *drv) Event { return EvHelper{Gen: d.m.gen, Sig: sig(d.t)} },
+		wantPhase: PhaseDialing,
+		want:      []string{"persist", "emit onConnecting", "dial c1 dev-42"},
+	},
+	{
+		name:      "Fetching + helper fails for a login someone asked for: LOGOUT 6206",
+		opts:      []dopt{withHelper()},
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42"}) },
+		event:     func(d *drv) Event { return EvHelper{Gen: d.m.gen, Err: errors.New("exit status 1")} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "answer w1 6206", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name:      "Fetching + logout: the helper is cancelled",
+		opts:      []dopt{withHelper()},
+		setup:     func(d *drv) { d.do(EvLogin{Waiter: 1, UserID: "dev-42"}) },
+		event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
+		wantPhase: PhaseIdle,
+		want:      []string{"persist", "answer w1 6014", "cancel helper", "answer w9 0", "emit onLoginStatusChanged:LOGOUT"},
+	},
+	{
+		name: "WaitRetry + tick when due: dial again (resume follows)",
+		setup: func(d *drv) {
+			d.online("dev-42", sig(d.t))
+			d.do(EvConnLost{Conn: 1})
+			d.now.Mono += time.Second
+			d.now.Wall = d.now.Wall.Add(time.Second)
+		},
+		event:     func(d *drv) Event { return EvTick{} },
+		wantPhase: PhaseDialing,
+		want:      []string{"emit onConnecting", "dial c2 dev-42"},
+	},
+	{
+		name: "KickedWait + tick when due: log in again",
+		opts: []dopt{withRelogin()},
+		setup: func(d *drv) {
+			d.online("dev-42", sig(d.t))
+			d.do(EvPush{Conn: 1, Msg: mqtt.Message{Type: mqtt.TypeKick, Session: "s1"}})
+			d.now.Mono += time.Minute
+			d.now.Wall = d.now.Wall.Add(time.Minute)
+		},
+		event:     func(d *drv) Event { return EvTick{} },
+		wantPhase: PhaseDialing,
+		want:      []string{"emit onLoginStatusChanged:LOGINING", "emit onConnecting", "dial c2 dev-42"},
+	},
+	{
+		name: "Online + tick at renewal time: run the helper, stay online",
+		opts: []dopt{withHelper()},
+		setup: func(d *drv) {
+			d.online("dev-42", sig(d.t))
+			d.now.Mono += 23 * time.Hour
+			d.now.Wall = d.now.Wall.Add(23 * time.Hour)
+		},
+		event:     func(d *drv) Event { return EvTick{} },
+		wantPhase: PhaseOnline,
+		want:      []string{"helper"},
+	},
+	{
+		name:  "Online + a late answer on an old connection: dropped",
+		setup: func(d *drv) { d.online("dev-42", sig(d.t)) },
+		event: func(d *drv) Event {
+			return EvAnswered{Conn: 7, Reply: mqtt.Message{Type: mqtt.TypeLoginResult, Session: "s9"}}
+		},
+		wantPhase: PhaseOnline,
+	},
+	{
+		name:      "Stopped + anything: nothing",
+		setup:     func(d *drv) { d.online("dev-42", sig(d.t)); d.do(EvStop{}) },
+		event:     func(d *drv) Event { return EvLogout{Waiter: 9} },
+		wantPhase: PhaseStopped,
+	},
+	{
 		name:      "any + stop: goodbye, no logout",
 		setup:     func(d *drv) { d.online("dev-42", sig(d.t)) },
 		event:     func(d *drv) Event { return EvStop{} },
