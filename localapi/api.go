@@ -1,7 +1,10 @@
-package daemon
+// Package localapi serves chatd's local API: HTTP with JSON on a Unix
+// socket, for chatctl and other local programs (docs/api.md). Everyone who
+// can open the socket may read; logging in and out is decided by the peer
+// credentials the kernel reports for each connection.
+package localapi
 
 import (
-	"chatd/internal/unixsock"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +19,7 @@ import (
 	"time"
 
 	"chatd/client"
+	"chatd/internal/unixsock"
 	"chatd/usersig"
 )
 
@@ -29,7 +33,7 @@ const (
 	// apiEventWriteTimeout bounds writing one event: a client that stops
 	// reading loses its stream instead of holding a handler forever.
 	apiEventWriteTimeout = 10 * time.Second
-	// apiShutdownGrace is how long ServeAPI waits for requests in flight
+	// apiShutdownGrace is how long Serve waits for requests in flight
 	// when its context ends.
 	apiShutdownGrace = 5 * time.Second
 )
@@ -37,8 +41,8 @@ const (
 // permissionDenied is the message of the 403 for POSTs.
 const permissionDenied = "permission denied: logging in or out needs root, the chatd user or the operator group"
 
-// APIOptions configures NewAPI.
-type APIOptions struct {
+// Options configures New.
+type Options struct {
 	Backend Backend
 	// Logger receives one INFO line per POST (never the UserSig); nil
 	// discards.
@@ -59,32 +63,34 @@ type APIOptions struct {
 // apiEndpoint is one route of the local API.
 type apiEndpoint struct {
 	method, path string
-	handle       func(*apiServer, http.ResponseWriter, *http.Request)
+	handle       func(*Server, http.ResponseWriter, *http.Request)
 }
 
 // apiEndpoints lists the routes, in the order the 404 names them.
 var apiEndpoints = []apiEndpoint{
-	{http.MethodGet, "/v1/status", (*apiServer).status},
-	{http.MethodGet, "/v1/login-user", (*apiServer).loginUser},
-	{http.MethodGet, "/v1/login-status", (*apiServer).loginStatus},
-	{http.MethodPost, "/v1/login", (*apiServer).login},
-	{http.MethodPost, "/v1/logout", (*apiServer).logout},
-	{http.MethodGet, "/v1/events", (*apiServer).events},
-	{http.MethodGet, "/v1/server-time", (*apiServer).serverTime},
-	{http.MethodGet, "/metrics", (*apiServer).metrics},
+	{http.MethodGet, "/v1/status", (*Server).status},
+	{http.MethodGet, "/v1/login-user", (*Server).loginUser},
+	{http.MethodGet, "/v1/login-status", (*Server).loginStatus},
+	{http.MethodPost, "/v1/login", (*Server).login},
+	{http.MethodPost, "/v1/logout", (*Server).logout},
+	{http.MethodGet, "/v1/events", (*Server).events},
+	{http.MethodGet, "/v1/server-time", (*Server).serverTime},
+	{http.MethodGet, "/metrics", (*Server).metrics},
 }
 
-type apiServer struct {
-	APIOptions
+// Server is the local API: an http.Handler, and Serve runs it on a
+// listener.
+type Server struct {
+	Options
 	log *slog.Logger
 }
 
-// NewAPI returns the handler of the local API that chatctl and other local
-// programs use (docs/api.md). Everyone who can open the socket may read;
-// logging in and out needs root, o.DaemonUID or membership of
-// o.OperatorGID, judged by the peer credentials ServeAPI stores.
-func NewAPI(o APIOptions) http.Handler {
-	a := &apiServer{APIOptions: o, log: o.Logger}
+// New returns the local API that chatctl and other local programs use
+// (docs/api.md). Everyone who can open the socket may read; logging in and
+// out needs root, o.DaemonUID or membership of o.OperatorGID, judged by the
+// peer credentials Serve stores.
+func New(o Options) *Server {
+	a := &Server{Options: o, log: o.Logger}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -94,7 +100,7 @@ func NewAPI(o APIOptions) http.Handler {
 	return a
 }
 
-func (a *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (a *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxLoginBody)
 	var allowed []string
 	for _, e := range apiEndpoints {
@@ -127,11 +133,11 @@ func (a *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
+func (a *Server) status(w http.ResponseWriter, r *http.Request) {
 	writeAPIJSON(w, http.StatusOK, a.Backend.Status())
 }
 
-func (a *apiServer) loginUser(w http.ResponseWriter, r *http.Request) {
+func (a *Server) loginUser(w http.ResponseWriter, r *http.Request) {
 	st := a.Backend.Status()
 	var user string
 	if st.LoginStatus == client.Logined {
@@ -140,21 +146,21 @@ func (a *apiServer) loginUser(w http.ResponseWriter, r *http.Request) {
 	writeAPIJSON(w, http.StatusOK, client.Result[string]{Data: user})
 }
 
-func (a *apiServer) loginStatus(w http.ResponseWriter, r *http.Request) {
+func (a *Server) loginStatus(w http.ResponseWriter, r *http.Request) {
 	st := a.Backend.Status()
 	writeAPIJSON(w, http.StatusOK, client.Result[int]{Data: int(st.LoginStatus)})
 }
 
-func (a *apiServer) serverTime(w http.ResponseWriter, r *http.Request) {
+func (a *Server) serverTime(w http.ResponseWriter, r *http.Request) {
 	writeAPIJSON(w, http.StatusOK, client.Result[client.ServerTime]{Data: a.Backend.ServerTime()})
 }
 
-func (a *apiServer) metrics(w http.ResponseWriter, r *http.Request) {
+func (a *Server) metrics(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	a.Backend.WriteMetrics(w)
 }
 
-func (a *apiServer) login(w http.ResponseWriter, r *http.Request) {
+func (a *Server) login(w http.ResponseWriter, r *http.Request) {
 	pc, ok := a.authorise(w, r)
 	if !ok {
 		return
@@ -172,7 +178,7 @@ func (a *apiServer) login(w http.ResponseWriter, r *http.Request) {
 	writeAPIJSON(w, http.StatusOK, client.Result[client.Status]{Code: code, Desc: desc, Data: a.Backend.Status()})
 }
 
-func (a *apiServer) logout(w http.ResponseWriter, r *http.Request) {
+func (a *Server) logout(w http.ResponseWriter, r *http.Request) {
 	pc, ok := a.authorise(w, r)
 	if !ok {
 		return
@@ -185,7 +191,7 @@ func (a *apiServer) logout(w http.ResponseWriter, r *http.Request) {
 // events streams newline-delimited JSON: a status snapshot, then every
 // event as it happens, until the client goes away or the backend closes the
 // subscription.
-func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
+func (a *Server) events(w http.ResponseWriter, r *http.Request) {
 	// Subscribe first: an event between the snapshot and the subscription
 	// would otherwise be lost.
 	ch, cancel := a.Backend.Subscribe()
@@ -221,7 +227,7 @@ func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
 
 // authorise answers 403 and returns false unless the caller may log in and
 // out.
-func (a *apiServer) authorise(w http.ResponseWriter, r *http.Request) (PeerCred, bool) {
+func (a *Server) authorise(w http.ResponseWriter, r *http.Request) (PeerCred, bool) {
 	pc, known := PeerCredFromContext(r.Context())
 	if a.mayOperate(pc, known) {
 		return pc, true
@@ -236,7 +242,7 @@ func (a *apiServer) authorise(w http.ResponseWriter, r *http.Request) (PeerCred,
 }
 
 // mayOperate reports whether a caller may log in and out.
-func (a *apiServer) mayOperate(pc PeerCred, known bool) bool {
+func (a *Server) mayOperate(pc PeerCred, known bool) bool {
 	if !known {
 		return a.TrustNonUnix
 	}
@@ -246,7 +252,7 @@ func (a *apiServer) mayOperate(pc PeerCred, known bool) bool {
 }
 
 // permissionHint says how to get permission to log in and out.
-func (a *apiServer) permissionHint() string {
+func (a *Server) permissionHint() string {
 	if a.OperatorGID < 0 {
 		return "no operator group is configured: run it as root (sudo), or set api.operator_group in chatd's config"
 	}
@@ -258,7 +264,7 @@ func (a *apiServer) permissionHint() string {
 }
 
 // logPOST logs a POST with who made it. Never pass it the UserSig.
-func (a *apiServer) logPOST(r *http.Request, pc PeerCred, outcome string, attrs ...slog.Attr) {
+func (a *Server) logPOST(r *http.Request, pc PeerCred, outcome string, attrs ...slog.Attr) {
 	_, known := PeerCredFromContext(r.Context())
 	base := []slog.Attr{slog.String("path", r.URL.Path), slog.String("outcome", outcome)}
 	if known {
@@ -362,12 +368,13 @@ func ListenSocket(path string, groupGID int) (net.Listener, error) {
 	return ln, err
 }
 
-// ServeAPI serves h on ln until ctx ends, then shuts down gracefully (open
-// event streams end at once) and returns nil. Each request's context carries
-// the peer credentials of its Unix socket connection (PeerCredFromContext).
-func ServeAPI(ctx context.Context, ln net.Listener, h http.Handler) error {
+// Serve serves the API on ln until ctx ends, then shuts down gracefully
+// (open event streams end at once) and returns nil. Each request's context
+// carries the peer credentials of its Unix socket connection
+// (PeerCredFromContext).
+func (a *Server) Serve(ctx context.Context, ln net.Listener) error {
 	srv := &http.Server{
-		Handler:           h,
+		Handler:           a,
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
