@@ -301,7 +301,22 @@ func TestAPIEndpoints(t *testing.T) {
 			name:   "metrics",
 			method: "GET", path: "/metrics",
 			wantStatus: 200, wantType: "text/plain; version=0.0.4",
-			want: "chatd_login_status 1\n",
+			// The backend's metrics, then the API's own.
+			want: "chatd_login_status 1\n" +
+				"# HELP chatd_api_connections_open Connections to the API socket open now.\n" +
+				"# TYPE chatd_api_connections_open gauge\n" +
+				"chatd_api_connections_open 1\n" +
+				"# HELP chatd_api_connections_refused_total Connections to the API socket refused with 503, by the limit reached (total or per_uid).\n" +
+				"# TYPE chatd_api_connections_refused_total counter\n" +
+				"chatd_api_connections_refused_total{limit=\"per_uid\"} 0\n" +
+				"chatd_api_connections_refused_total{limit=\"total\"} 0\n" +
+				"# HELP chatd_api_event_streams_open GET /v1/events streams open now.\n" +
+				"# TYPE chatd_api_event_streams_open gauge\n" +
+				"chatd_api_event_streams_open 0\n" +
+				"# HELP chatd_api_event_streams_refused_total GET /v1/events streams refused with 503, by the limit reached (total or per_uid).\n" +
+				"# TYPE chatd_api_event_streams_refused_total counter\n" +
+				"chatd_api_event_streams_refused_total{limit=\"per_uid\"} 0\n" +
+				"chatd_api_event_streams_refused_total{limit=\"total\"} 0\n",
 		},
 		{
 			name:   "login succeeds",
