@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,7 +31,7 @@ var roomy = Limits{
 
 // startLimited serves the API with limits l over f and returns the socket
 // and the server (for its metrics).
-func startLimited(t *testing.T, f *fakeBackend, l Limits) (string, *Server) {
+func startLimited(t testing.TB, f *fakeBackend, l Limits) (string, *Server) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "chatd.sock")
 	ln, err := ListenSocket(sock, -1)
@@ -73,7 +74,7 @@ func oneShotClient(sock string) *http.Client {
 
 // waitFor polls cond (the state it waits for is reached by another
 // goroutine of the server) until it holds or 5 s have passed.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !cond() {
@@ -619,4 +620,97 @@ func metricsText(t *testing.T, sock string) string {
 		t.Fatalf("GET /metrics: HTTP %d %s", got.status, got.body)
 	}
 	return got.body
+}
+
+// BenchmarkEventStreamFlood opens 5,000 connections that each ask for an
+// event stream and hold what they get, and reports the memory the process
+// holds meanwhile (Go heap and stacks, clients included, which cost the
+// same in both cases) over what it held before, with the default limits
+// and, as the baseline, with limits too high to matter.
+func BenchmarkEventStreamFlood(b *testing.B) {
+	const attempts = 5000
+	for _, bc := range []struct {
+		name   string
+		limits Limits
+	}{
+		{"default limits", Limits{}},
+		{"no limits", Limits{MaxConns: 1 << 20, MaxConnsPerUID: 1 << 20, MaxStreams: 1 << 20, MaxStreamsPerUID: 1 << 20}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for b.Loop() {
+				sock, srv := startLimited(b, newFakeBackend(), bc.limits)
+				before := memInUse()
+				var (
+					mu      sync.Mutex
+					conns   []net.Conn
+					streams int
+					wg      sync.WaitGroup
+				)
+				sem := make(chan struct{}, 100)
+				for range attempts {
+					wg.Add(1)
+					sem <- struct{}{}
+					go func() {
+						defer wg.Done()
+						defer func() { <-sem }()
+						c, err := net.Dial("unix", sock)
+						if err != nil {
+							return
+						}
+						c.SetDeadline(time.Now().Add(10 * time.Second))
+						io.WriteString(c, "GET /v1/events HTTP/1.1\r\nHost: chatd\r\n\r\n")
+						var buf [16]byte
+						n, _ := io.ReadFull(c, buf[:])
+						mu.Lock()
+						defer mu.Unlock()
+						conns = append(conns, c)
+						if string(buf[:n]) == "HTTP/1.1 200 OK\r" {
+							streams++
+						}
+					}()
+				}
+				wg.Wait()
+				held := memInUse() - before
+				b.ReportMetric(float64(held)/(1<<20), "MB-held")
+				b.ReportMetric(float64(streams), "streams")
+				for _, c := range conns {
+					c.Close()
+				}
+				waitFor(b, "the connections to close", func() bool { return srv.conns.open() == 0 })
+			}
+		})
+	}
+}
+
+// memInUse is the Go heap and stack memory in use, after a collection.
+func memInUse() int64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse + ms.StackInuse)
+}
+
+// docs/api.md's table of limits shows DefaultLimits.
+func TestDefaultLimitsDocumented(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "docs", "api.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := DefaultLimits
+	secs := func(v time.Duration) string { return fmt.Sprintf("%d s", int(v.Seconds())) }
+	for _, row := range []string{
+		fmt.Sprintf("| open connections, all callers | %d |", d.MaxConns),
+		fmt.Sprintf("| open connections of one uid | %d |", d.MaxConnsPerUID),
+		fmt.Sprintf("| open `/v1/events` streams, all callers | %d |", d.MaxStreams),
+		fmt.Sprintf("| open `/v1/events` streams of one uid | %d |", d.MaxStreamsPerUID),
+		fmt.Sprintf("| request line and headers | %s; %d KiB ", secs(d.HeaderTimeout), maxHeaderBytes>>10),
+		fmt.Sprintf("| request body | %s after the headers, %d KiB |", secs(d.BodyTimeout), maxLoginBody>>10),
+		fmt.Sprintf("| writing one answer, or one event of a stream | %s |", secs(d.WriteTimeout)),
+		fmt.Sprintf("| a kept-alive connection waiting for its next request | %s |", secs(d.IdleTimeout)),
+		fmt.Sprintf("Connections over a cap are answered by at most %d small goroutines", maxRefusers),
+	} {
+		if !strings.Contains(string(b), row) {
+			t.Errorf("docs/api.md lacks %q", row)
+		}
+	}
 }
