@@ -6,7 +6,28 @@ import (
 	"strconv"
 
 	vm "github.com/VictoriaMetrics/metrics"
+
+	"chatd/internal/promtext"
 )
+
+// families describes every metric chatd writes on GET /metrics; a test
+// checks that none is left out.
+var families = []promtext.Family{
+	{Name: "chatd_login_status", Type: "gauge", Help: "Login status: 1 LOGINED, 2 LOGINING, 3 LOGOUT."},
+	{Name: "chatd_connected", Type: "gauge", Help: "1 while the MQTT connection to the gateway is up, else 0."},
+	{Name: "chatd_usersig_expires_at_seconds", Type: "gauge", Help: "When the current UserSig expires, in Unix seconds; 0 when there is none."},
+	{Name: "chatd_server_time_offset_seconds", Type: "gauge", Help: "The gateway's clock minus the device's, in seconds."},
+	{Name: "chatd_clock_trusted", Type: "gauge", Help: "1 while chatd trusts the time (it heard the gateway's clock or the system clock is synchronised), else 0."},
+	{Name: "chatd_state_persisted", Type: "gauge", Help: "1 while the state is written to the state database, 0 while it cannot be (it would not survive a restart)."},
+	{Name: "chatd_logins_total", Type: "counter", Help: "Login answers from the gateway, by result code (0 is success)."},
+	{Name: "chatd_resumes_total", Type: "counter", Help: "Resume answers from the gateway, by result code (0 is success)."},
+	{Name: "chatd_usersig_renewals_total", Type: "counter", Help: "Runs of the credential helper (usersig_command), by result (ok or failed)."},
+	{Name: "chatd_state_writes_total", Type: "counter", Help: "Writes to the state database."},
+	{Name: "chatd_state_write_failures_total", Type: "counter", Help: "Writes to the state database that failed."},
+	{Name: "chatd_connections_lost_total", Type: "counter", Help: "MQTT connections to the gateway lost."},
+	{Name: "chatd_kicks_total", Type: "counter", Help: "Kicks received from the gateway."},
+	{Name: "chatd_events_dropped_total", Type: "counter", Help: "Events a slow /v1/events reader lost."},
+}
 
 // metrics are chatd's Prometheus metrics (GET /metrics).
 type metrics struct {
@@ -28,6 +49,12 @@ func newMetrics(d *Daemon) *metrics {
 		eventsDropped:   set.NewCounter("chatd_events_dropped_total"),
 		persistFailures: set.NewCounter("chatd_state_write_failures_total"),
 	}
+	// Labelled families are there from the start with the labels known in
+	// advance, so that a rate over them has a first sample.
+	m.loginCounter(0)
+	m.resumeCounter(0)
+	m.renewalCounter(true)
+	m.renewalCounter(false)
 	set.NewGauge("chatd_state_persisted", func() float64 {
 		if d.Status().StatePersisted {
 			return 1
@@ -57,21 +84,27 @@ func newMetrics(d *Daemon) *metrics {
 	return m
 }
 
-func (m *metrics) login(code int) {
-	m.set.GetOrCreateCounter(fmt.Sprintf("chatd_logins_total{code=%q}", strconv.Itoa(code))).Inc()
+func (m *metrics) loginCounter(code int) *vm.Counter {
+	return m.set.GetOrCreateCounter(fmt.Sprintf("chatd_logins_total{code=%q}", strconv.Itoa(code)))
 }
 
-func (m *metrics) resume(code int) {
-	m.set.GetOrCreateCounter(fmt.Sprintf("chatd_resumes_total{code=%q}", strconv.Itoa(code))).Inc()
+func (m *metrics) resumeCounter(code int) *vm.Counter {
+	return m.set.GetOrCreateCounter(fmt.Sprintf("chatd_resumes_total{code=%q}", strconv.Itoa(code)))
 }
 
-func (m *metrics) renewal(ok bool) {
+func (m *metrics) renewalCounter(ok bool) *vm.Counter {
 	result := "ok"
 	if !ok {
 		result = "failed"
 	}
-	m.set.GetOrCreateCounter(fmt.Sprintf("chatd_usersig_renewals_total{result=%q}", result)).Inc()
+	return m.set.GetOrCreateCounter(fmt.Sprintf("chatd_usersig_renewals_total{result=%q}", result))
 }
+
+func (m *metrics) login(code int) { m.loginCounter(code).Inc() }
+
+func (m *metrics) resume(code int) { m.resumeCounter(code).Inc() }
+
+func (m *metrics) renewal(ok bool) { m.renewalCounter(ok).Inc() }
 
 // count is the machine's Count effect.
 func (m *metrics) count(name string, code int) {
@@ -91,4 +124,4 @@ func (m *metrics) count(name string, code int) {
 	}
 }
 
-func (m *metrics) write(w io.Writer) { m.set.WritePrometheus(w) }
+func (m *metrics) write(w io.Writer) { promtext.Write(w, m.set, families) }

@@ -9,12 +9,16 @@ import (
 	"os"
 	"time"
 
+	"chatd/localapi"
 	"chatd/storage"
 )
 
 // ErrConfig marks a configuration error: permanent, so the service manager
 // must not restart chatd for it (exit code 2).
 var ErrConfig = errors.New("configuration error")
+
+// The daemon is what the local API serves.
+var _ localapi.Backend = (*Daemon)(nil)
 
 // RunOptions are the hooks the command passes to Main.
 type RunOptions struct {
@@ -95,7 +99,7 @@ func Main(ctx context.Context, cfg Config, o RunOptions) error {
 				return fmt.Errorf("%w: api.socket_group: %v", ErrConfig, err)
 			}
 		}
-		if ln, err = ListenSocket(cfg.Socket, gid); err != nil {
+		if ln, err = localapi.ListenSocket(cfg.Socket, gid); err != nil {
 			return err
 		}
 	}
@@ -105,12 +109,12 @@ func Main(ctx context.Context, cfg Config, o RunOptions) error {
 			return fmt.Errorf("%w: api.operator_group: %v", ErrConfig, err)
 		}
 	}
-	api := NewAPI(APIOptions{Backend: d, Logger: log, OperatorGID: opGID, DaemonUID: os.Getuid()})
+	api := localapi.New(localapi.Options{Backend: d, Logger: log, OperatorGID: opGID, DaemonUID: os.Getuid()})
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	apiDone := make(chan error, 1)
-	go func() { apiDone <- ServeAPI(ctx, ln, api) }()
+	go func() { apiDone <- api.Serve(ctx, ln) }()
 	runDone := make(chan error, 1)
 	go func() { runDone <- d.Run(ctx) }()
 	log.Info("chatd running", "socket", ln.Addr().String(), "state", cfg.StateDB, "broker", []string(cfg.Broker))

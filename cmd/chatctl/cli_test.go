@@ -15,7 +15,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"chatd/client"
-	"chatd/daemon"
+	"chatd/localapi"
 	"chatd/usersig"
 )
 
@@ -45,7 +45,7 @@ func testStatus() client.Status {
 	}
 }
 
-// fakeBackend is a daemon.Backend with canned answers.
+// fakeBackend is a localapi.Backend with canned answers.
 type fakeBackend struct {
 	mu        sync.Mutex
 	status    client.Status
@@ -112,18 +112,18 @@ func (f *fakeBackend) WriteMetrics(w io.Writer) {}
 func startDaemon(t *testing.T, f *fakeBackend) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "chatd.sock")
-	ln, err := daemon.ListenSocket(sock, -1)
+	ln, err := localapi.ListenSocket(sock, -1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	h := daemon.NewAPI(daemon.APIOptions{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid(), Now: func() time.Time { return testNow }})
-	go func() { done <- daemon.ServeAPI(ctx, ln, h) }()
+	api := localapi.New(localapi.Options{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid(), Now: func() time.Time { return testNow }})
+	go func() { done <- api.Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("ServeAPI: %v", err)
+			t.Errorf("Serve: %v", err)
 		}
 	})
 	return sock

@@ -1,4 +1,4 @@
-package daemon
+package localapi
 
 import (
 	"bufio"
@@ -24,7 +24,7 @@ func withPeerCred(ctx context.Context, pc PeerCred) context.Context {
 	return context.WithValue(ctx, peerCredKey{}, pc)
 }
 
-// PeerCredFromContext returns the peer credentials ServeAPI stored for the
+// PeerCredFromContext returns the peer credentials Serve stored for the
 // connection a request came in on; false when the connection is not a Unix
 // socket or the kernel did not tell.
 func PeerCredFromContext(ctx context.Context) (PeerCred, bool) {

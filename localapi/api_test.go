@@ -1,4 +1,4 @@
-package daemon
+package localapi
 
 import (
 	"bufio"
@@ -163,9 +163,9 @@ func testLogger(buf *syncBuffer) *slog.Logger {
 }
 
 // startUnixAPI serves the API on a Unix socket in a new directory, through
-// ListenSocket and ServeAPI, and checks when the test ends that ServeAPI
+// ListenSocket and Serve, and checks when the test ends that ServeAPI
 // returns nil once its context is cancelled.
-func startUnixAPI(t *testing.T, o APIOptions) (sock string) {
+func startUnixAPI(t *testing.T, o Options) (sock string) {
 	t.Helper()
 	sock = filepath.Join(t.TempDir(), "chatd.sock")
 	ln, err := ListenSocket(sock, -1)
@@ -174,11 +174,11 @@ func startUnixAPI(t *testing.T, o APIOptions) (sock string) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- ServeAPI(ctx, ln, NewAPI(o)) }()
+	go func() { done <- New(o).Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("ServeAPI after cancel = %v, want nil", err)
+			t.Errorf("Serve after cancel = %v, want nil", err)
 		}
 	})
 	return sock
@@ -301,7 +301,22 @@ func TestAPIEndpoints(t *testing.T) {
 			name:   "metrics",
 			method: "GET", path: "/metrics",
 			wantStatus: 200, wantType: "text/plain; version=0.0.4",
-			want: "chatd_login_status 1\n",
+			// The backend's metrics, then the API's own.
+			want: "chatd_login_status 1\n" +
+				"# HELP chatd_api_connections_open Connections to the API socket open now.\n" +
+				"# TYPE chatd_api_connections_open gauge\n" +
+				"chatd_api_connections_open 1\n" +
+				"# HELP chatd_api_connections_refused_total Connections to the API socket refused with 503, by the limit reached (total or per_uid).\n" +
+				"# TYPE chatd_api_connections_refused_total counter\n" +
+				"chatd_api_connections_refused_total{limit=\"per_uid\"} 0\n" +
+				"chatd_api_connections_refused_total{limit=\"total\"} 0\n" +
+				"# HELP chatd_api_event_streams_open GET /v1/events streams open now.\n" +
+				"# TYPE chatd_api_event_streams_open gauge\n" +
+				"chatd_api_event_streams_open 0\n" +
+				"# HELP chatd_api_event_streams_refused_total GET /v1/events streams refused with 503, by the limit reached (total or per_uid).\n" +
+				"# TYPE chatd_api_event_streams_refused_total counter\n" +
+				"chatd_api_event_streams_refused_total{limit=\"per_uid\"} 0\n" +
+				"chatd_api_event_streams_refused_total{limit=\"total\"} 0\n",
 		},
 		{
 			name:   "login succeeds",
@@ -444,7 +459,7 @@ func TestAPIEndpoints(t *testing.T) {
 			if tt.setup != nil {
 				tt.setup(f)
 			}
-			sock := startUnixAPI(t, APIOptions{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
+			sock := startUnixAPI(t, Options{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
 			got := doRequest(t, unixClient(sock), "http://chatd", tt.method, tt.path, tt.body)
 			if got.status != tt.wantStatus {
 				t.Errorf("HTTP status = %d, want %d (body %s)", got.status, tt.wantStatus, got.body)
@@ -481,7 +496,7 @@ func TestAPIEndpoints(t *testing.T) {
 
 func TestAPILoginPassesTheUserSig(t *testing.T) {
 	f := newFakeBackend()
-	sock := startUnixAPI(t, APIOptions{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
+	sock := startUnixAPI(t, Options{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
 	doRequest(t, unixClient(sock), "http://chatd", "POST", "/v1/login", `{"user_id":"alice","user_sig":"eJy-sig_*"}`)
 	if diff := cmp.Diff([]string{"eJy-sig_*"}, f.Sigs()); diff != "" {
 		t.Errorf("UserSigs the backend got (-want +got):\n%s", diff)
@@ -499,7 +514,7 @@ func TestAPILoginClientGoesAway(t *testing.T) {
 		loginErr <- ctx.Err()
 		return 7009, "interrupted"
 	}
-	sock := startUnixAPI(t, APIOptions{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
+	sock := startUnixAPI(t, Options{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid()})
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "POST", "http://chatd/v1/login", strings.NewReader(`{"user_id":"alice","user_sig":"s"}`))
 	errc := make(chan error, 1)
@@ -525,10 +540,10 @@ func TestAPIUserSigNeverLeaks(t *testing.T) {
 	var logs syncBuffer
 	f := newFakeBackend()
 	f.loginCode, f.loginDesc = 70003, "UserSig check failed"
-	opts := APIOptions{Backend: f, Logger: testLogger(&logs), OperatorGID: -1, DaemonUID: os.Getuid()}
+	opts := Options{Backend: f, Logger: testLogger(&logs), OperatorGID: -1, DaemonUID: os.Getuid()}
 	unixSock := startUnixAPI(t, opts)
 	// Over TCP nobody may log in: the 403 path.
-	tcp := httptest.NewServer(NewAPI(opts))
+	tcp := httptest.NewServer(New(opts))
 	t.Cleanup(tcp.Close)
 
 	bodies := map[string]string{
@@ -596,7 +611,7 @@ func TestAPITrustNonUnix(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := httptest.NewServer(NewAPI(APIOptions{Backend: newFakeBackend(), OperatorGID: -1, DaemonUID: os.Getuid(), TrustNonUnix: tt.trust}))
+			srv := httptest.NewServer(New(Options{Backend: newFakeBackend(), OperatorGID: -1, DaemonUID: os.Getuid(), TrustNonUnix: tt.trust}))
 			defer srv.Close()
 			got := doRequest(t, srv.Client(), srv.URL, tt.method, tt.path, tt.body)
 			if got.status != tt.wantStatus {
@@ -612,7 +627,7 @@ func TestAPITrustNonUnix(t *testing.T) {
 func TestAPIEvents(t *testing.T) {
 	openStream := func(t *testing.T, f *fakeBackend) (*bufio.Reader, *http.Response, context.CancelFunc) {
 		t.Helper()
-		sock := startUnixAPI(t, APIOptions{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid(), Now: func() time.Time { return testNow }})
+		sock := startUnixAPI(t, Options{Backend: f, OperatorGID: -1, DaemonUID: os.Getuid(), Now: func() time.Time { return testNow }})
 		ctx, cancel := context.WithCancel(context.Background())
 		t.Cleanup(cancel)
 		req, _ := http.NewRequestWithContext(ctx, "GET", "http://chatd/v1/events", nil)
@@ -688,8 +703,8 @@ func TestAPIEvents(t *testing.T) {
 	})
 }
 
-// ServeAPI ends open event streams when its context ends and returns nil.
-func TestServeAPIShutdownEndsStreams(t *testing.T) {
+// Serve ends open event streams when its context ends and returns nil.
+func TestServeShutdownEndsStreams(t *testing.T) {
 	f := newFakeBackend()
 	sock := filepath.Join(t.TempDir(), "chatd.sock")
 	ln, err := ListenSocket(sock, -1)
@@ -698,7 +713,7 @@ func TestServeAPIShutdownEndsStreams(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- ServeAPI(ctx, ln, NewAPI(APIOptions{Backend: f, OperatorGID: -1, DaemonUID: -1})) }()
+	go func() { done <- New(Options{Backend: f, OperatorGID: -1, DaemonUID: -1}).Serve(ctx, ln) }()
 	resp, err := unixClient(sock).Get("http://chatd/v1/events")
 	if err != nil {
 		t.Fatal(err)
@@ -709,7 +724,7 @@ func TestServeAPIShutdownEndsStreams(t *testing.T) {
 	}
 	cancel()
 	if err := <-done; err != nil {
-		t.Errorf("ServeAPI = %v, want nil", err)
+		t.Errorf("Serve = %v, want nil", err)
 	}
 	<-f.unsubscribed
 	if _, err := os.Lstat(sock); !errors.Is(err, fs.ErrNotExist) {
@@ -894,7 +909,7 @@ func TestAPIPermissionHint(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a := &apiServer{APIOptions: APIOptions{OperatorGID: tt.gid}}
+			a := New(Options{OperatorGID: tt.gid})
 			if got := a.permissionHint(); got != tt.want {
 				t.Errorf("permissionHint() = %q, want %q", got, tt.want)
 			}
@@ -966,7 +981,7 @@ func TestAPIPeerPermissions(t *testing.T) {
 
 	var logs syncBuffer
 	f := newFakeBackend()
-	opts := APIOptions{Backend: f, Logger: testLogger(&logs), OperatorGID: opGID, DaemonUID: daemonUID}
+	opts := Options{Backend: f, Logger: testLogger(&logs), OperatorGID: opGID, DaemonUID: daemonUID}
 	sock := filepath.Join(dir, "chatd.sock")
 	ln, err := ListenSocket(sock, -1)
 	if err != nil {
@@ -977,15 +992,15 @@ func TestAPIPeerPermissions(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- ServeAPI(ctx, ln, NewAPI(opts)) }()
+	go func() { done <- New(opts).Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("ServeAPI = %v", err)
+			t.Errorf("Serve = %v", err)
 		}
 	})
 
-	denied := client.APIError{Message: permissionDenied, Hint: (&apiServer{APIOptions: opts}).permissionHint()}
+	denied := client.APIError{Message: permissionDenied, Hint: New(opts).permissionHint()}
 	if !strings.Contains(denied.Hint, "sudo usermod -aG") {
 		t.Errorf("the hint %q does not say how to join the group", denied.Hint)
 	}

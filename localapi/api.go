@@ -1,7 +1,10 @@
-package daemon
+// Package localapi serves chatd's local API: HTTP with JSON on a Unix
+// socket, for chatctl and other local programs (docs/api.md). Everyone who
+// can open the socket may read; logging in and out is decided by the peer
+// credentials the kernel reports for each connection.
+package localapi
 
 import (
-	"chatd/internal/unixsock"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,20 +19,17 @@ import (
 	"time"
 
 	"chatd/client"
+	"chatd/internal/unixsock"
 	"chatd/usersig"
 )
 
-// Limits of the local API.
 const (
 	// maxLoginBody bounds the body of POST /v1/login (a UserSig is at most
 	// 8 KiB) and of every other request (none needs one).
 	maxLoginBody = 16 << 10
-	// apiBodyTimeout bounds reading a request body.
-	apiBodyTimeout = 10 * time.Second
-	// apiEventWriteTimeout bounds writing one event: a client that stops
-	// reading loses its stream instead of holding a handler forever.
-	apiEventWriteTimeout = 10 * time.Second
-	// apiShutdownGrace is how long ServeAPI waits for requests in flight
+	// maxHeaderBytes bounds a request's line and headers.
+	maxHeaderBytes = 16 << 10
+	// apiShutdownGrace is how long Serve waits for requests in flight
 	// when its context ends.
 	apiShutdownGrace = 5 * time.Second
 )
@@ -37,8 +37,8 @@ const (
 // permissionDenied is the message of the 403 for POSTs.
 const permissionDenied = "permission denied: logging in or out needs root, the chatd user or the operator group"
 
-// APIOptions configures NewAPI.
-type APIOptions struct {
+// Options configures New.
+type Options struct {
 	Backend Backend
 	// Logger receives one INFO line per POST (never the UserSig); nil
 	// discards.
@@ -54,37 +54,49 @@ type APIOptions struct {
 	TrustNonUnix bool
 	// Now is the clock for the snapshot event; nil means time.Now.
 	Now func() time.Time
+	// Limits caps connections and event streams and sets the timeouts for
+	// slow or idle callers; zero fields take DefaultLimits.
+	Limits Limits
 }
 
 // apiEndpoint is one route of the local API.
 type apiEndpoint struct {
 	method, path string
-	handle       func(*apiServer, http.ResponseWriter, *http.Request)
+	handle       func(*Server, http.ResponseWriter, *http.Request)
 }
 
 // apiEndpoints lists the routes, in the order the 404 names them.
 var apiEndpoints = []apiEndpoint{
-	{http.MethodGet, "/v1/status", (*apiServer).status},
-	{http.MethodGet, "/v1/login-user", (*apiServer).loginUser},
-	{http.MethodGet, "/v1/login-status", (*apiServer).loginStatus},
-	{http.MethodPost, "/v1/login", (*apiServer).login},
-	{http.MethodPost, "/v1/logout", (*apiServer).logout},
-	{http.MethodGet, "/v1/events", (*apiServer).events},
-	{http.MethodGet, "/v1/server-time", (*apiServer).serverTime},
-	{http.MethodGet, "/metrics", (*apiServer).metrics},
+	{http.MethodGet, "/v1/status", (*Server).status},
+	{http.MethodGet, "/v1/login-user", (*Server).loginUser},
+	{http.MethodGet, "/v1/login-status", (*Server).loginStatus},
+	{http.MethodPost, "/v1/login", (*Server).login},
+	{http.MethodPost, "/v1/logout", (*Server).logout},
+	{http.MethodGet, "/v1/events", (*Server).events},
+	{http.MethodGet, "/v1/server-time", (*Server).serverTime},
+	{http.MethodGet, "/metrics", (*Server).metricsText},
 }
 
-type apiServer struct {
-	APIOptions
-	log *slog.Logger
+// Server is the local API: an http.Handler, and Serve runs it on a
+// listener.
+type Server struct {
+	Options
+	log     *slog.Logger
+	conns   *slots // admitted connections (Serve)
+	streams *slots // open event streams
+	metrics *apiMetrics
 }
 
-// NewAPI returns the handler of the local API that chatctl and other local
-// programs use (docs/api.md). Everyone who can open the socket may read;
-// logging in and out needs root, o.DaemonUID or membership of
-// o.OperatorGID, judged by the peer credentials ServeAPI stores.
-func NewAPI(o APIOptions) http.Handler {
-	a := &apiServer{APIOptions: o, log: o.Logger}
+// New returns the local API that chatctl and other local programs use
+// (docs/api.md). Everyone who can open the socket may read; logging in and
+// out needs root, o.DaemonUID or membership of o.OperatorGID, judged by the
+// peer credentials Serve stores.
+func New(o Options) *Server {
+	a := &Server{Options: o, log: o.Logger}
+	a.Limits = o.Limits.withDefaults()
+	a.conns = newSlots(a.Limits.MaxConns, a.Limits.MaxConnsPerUID)
+	a.streams = newSlots(a.Limits.MaxStreams, a.Limits.MaxStreamsPerUID)
+	a.metrics = newAPIMetrics(a.conns, a.streams)
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -94,14 +106,26 @@ func NewAPI(o APIOptions) http.Handler {
 	return a
 }
 
-func (a *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (a *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxLoginBody)
+	// The body, if any, must come within the body timeout; also the rest
+	// of one that an answer leaves unread, which the server reads after.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(a.Limits.BodyTimeout))
 	var allowed []string
 	for _, e := range apiEndpoints {
 		if e.path != r.URL.Path {
 			continue
 		}
 		if e.method == r.Method {
+			// POST /v1/login reads its body itself; every other request's
+			// body is read (and dropped) now, within the body timeout, so
+			// that no handler waits on a slow caller.
+			if e.path != "/v1/login" {
+				if apiErr := a.discardBody(w, r); apiErr != nil {
+					a.writeError(w, apiErr)
+					return
+				}
+			}
 			e.handle(a, w, r)
 			return
 		}
@@ -109,7 +133,7 @@ func (a *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if allowed != nil {
 		w.Header().Set("Allow", strings.Join(allowed, ", "))
-		writeAPIError(w, &client.APIError{
+		a.writeError(w, &client.APIError{
 			HTTPStatus: http.StatusMethodNotAllowed,
 			Message:    fmt.Sprintf("method %s is not allowed on %s", r.Method, r.URL.Path),
 			Hint:       "use " + strings.Join(allowed, " or "),
@@ -120,72 +144,82 @@ func (a *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for _, e := range apiEndpoints {
 		list = append(list, e.method+" "+e.path)
 	}
-	writeAPIError(w, &client.APIError{
+	a.writeError(w, &client.APIError{
 		HTTPStatus: http.StatusNotFound,
 		Message:    fmt.Sprintf("no such endpoint %s %s", r.Method, r.URL.Path),
 		Hint:       "the endpoints are " + strings.Join(list, ", "),
 	})
 }
 
-func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
-	writeAPIJSON(w, http.StatusOK, a.Backend.Status())
+func (a *Server) status(w http.ResponseWriter, r *http.Request) {
+	a.writeJSON(w, http.StatusOK, a.Backend.Status())
 }
 
-func (a *apiServer) loginUser(w http.ResponseWriter, r *http.Request) {
+func (a *Server) loginUser(w http.ResponseWriter, r *http.Request) {
 	st := a.Backend.Status()
 	var user string
 	if st.LoginStatus == client.Logined {
 		user = st.UserID
 	}
-	writeAPIJSON(w, http.StatusOK, client.Result[string]{Data: user})
+	a.writeJSON(w, http.StatusOK, client.Result[string]{Data: user})
 }
 
-func (a *apiServer) loginStatus(w http.ResponseWriter, r *http.Request) {
+func (a *Server) loginStatus(w http.ResponseWriter, r *http.Request) {
 	st := a.Backend.Status()
-	writeAPIJSON(w, http.StatusOK, client.Result[int]{Data: int(st.LoginStatus)})
+	a.writeJSON(w, http.StatusOK, client.Result[int]{Data: int(st.LoginStatus)})
 }
 
-func (a *apiServer) serverTime(w http.ResponseWriter, r *http.Request) {
-	writeAPIJSON(w, http.StatusOK, client.Result[client.ServerTime]{Data: a.Backend.ServerTime()})
+func (a *Server) serverTime(w http.ResponseWriter, r *http.Request) {
+	a.writeJSON(w, http.StatusOK, client.Result[client.ServerTime]{Data: a.Backend.ServerTime()})
 }
 
-func (a *apiServer) metrics(w http.ResponseWriter, r *http.Request) {
+func (a *Server) metricsText(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(a.Limits.WriteTimeout))
 	a.Backend.WriteMetrics(w)
+	a.metrics.write(w)
 }
 
-func (a *apiServer) login(w http.ResponseWriter, r *http.Request) {
+func (a *Server) login(w http.ResponseWriter, r *http.Request) {
 	pc, ok := a.authorise(w, r)
 	if !ok {
 		return
 	}
 	var req client.LoginRequest
-	if apiErr := decodeLoginRequest(w, r, &req); apiErr != nil {
+	if apiErr := a.decodeLoginRequest(w, r, &req); apiErr != nil {
 		a.logPOST(r, pc, "bad request", slog.Int("http_status", apiErr.HTTPStatus))
-		writeAPIError(w, apiErr)
+		a.writeError(w, apiErr)
 		return
 	}
 	sig := usersig.NewSecret(req.UserSig)
 	req.UserSig = ""
 	code, desc := a.Backend.Login(r.Context(), req.UserID, sig)
 	a.logPOST(r, pc, "done", slog.String("user", req.UserID), slog.Int("code", code), slog.String("desc", desc))
-	writeAPIJSON(w, http.StatusOK, client.Result[client.Status]{Code: code, Desc: desc, Data: a.Backend.Status()})
+	a.writeJSON(w, http.StatusOK, client.Result[client.Status]{Code: code, Desc: desc, Data: a.Backend.Status()})
 }
 
-func (a *apiServer) logout(w http.ResponseWriter, r *http.Request) {
+func (a *Server) logout(w http.ResponseWriter, r *http.Request) {
 	pc, ok := a.authorise(w, r)
 	if !ok {
 		return
 	}
 	code, desc := a.Backend.Logout(r.Context())
 	a.logPOST(r, pc, "done", slog.Int("code", code), slog.String("desc", desc))
-	writeAPIJSON(w, http.StatusOK, client.Result[client.Status]{Code: code, Desc: desc, Data: a.Backend.Status()})
+	a.writeJSON(w, http.StatusOK, client.Result[client.Status]{Code: code, Desc: desc, Data: a.Backend.Status()})
 }
 
 // events streams newline-delimited JSON: a status snapshot, then every
 // event as it happens, until the client goes away or the backend closes the
-// subscription.
-func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
+// subscription. Streams are capped per peer uid and in total.
+func (a *Server) events(w http.ResponseWriter, r *http.Request) {
+	pc, known := PeerCredFromContext(r.Context())
+	uid := uidKey(pc, known)
+	if limit := a.streams.acquire(uid); limit != "" {
+		a.metrics.streamsRefused(limit).Inc()
+		a.writeError(w, streamRefusal(limit, uid, a.Limits))
+		return
+	}
+	defer a.streams.release(uid)
 	// Subscribe first: an event between the snapshot and the subscription
 	// would otherwise be lost.
 	ch, cancel := a.Backend.Subscribe()
@@ -198,7 +232,7 @@ func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	enc := json.NewEncoder(w) // one compact line per value
 	send := func(ev client.Event) bool {
-		_ = rc.SetWriteDeadline(time.Now().Add(apiEventWriteTimeout))
+		_ = rc.SetWriteDeadline(time.Now().Add(a.Limits.WriteTimeout))
 		if err := enc.Encode(ev); err != nil {
 			return false
 		}
@@ -221,7 +255,7 @@ func (a *apiServer) events(w http.ResponseWriter, r *http.Request) {
 
 // authorise answers 403 and returns false unless the caller may log in and
 // out.
-func (a *apiServer) authorise(w http.ResponseWriter, r *http.Request) (PeerCred, bool) {
+func (a *Server) authorise(w http.ResponseWriter, r *http.Request) (PeerCred, bool) {
 	pc, known := PeerCredFromContext(r.Context())
 	if a.mayOperate(pc, known) {
 		return pc, true
@@ -231,12 +265,12 @@ func (a *apiServer) authorise(w http.ResponseWriter, r *http.Request) (PeerCred,
 		hint = "the caller's identity is unknown (not a Unix socket connection): use chatd's Unix socket"
 	}
 	a.logPOST(r, pc, "denied", slog.Int("http_status", http.StatusForbidden))
-	writeAPIError(w, &client.APIError{HTTPStatus: http.StatusForbidden, Message: permissionDenied, Hint: hint})
+	a.writeError(w, &client.APIError{HTTPStatus: http.StatusForbidden, Message: permissionDenied, Hint: hint})
 	return pc, false
 }
 
 // mayOperate reports whether a caller may log in and out.
-func (a *apiServer) mayOperate(pc PeerCred, known bool) bool {
+func (a *Server) mayOperate(pc PeerCred, known bool) bool {
 	if !known {
 		return a.TrustNonUnix
 	}
@@ -246,7 +280,7 @@ func (a *apiServer) mayOperate(pc PeerCred, known bool) bool {
 }
 
 // permissionHint says how to get permission to log in and out.
-func (a *apiServer) permissionHint() string {
+func (a *Server) permissionHint() string {
 	if a.OperatorGID < 0 {
 		return "no operator group is configured: run it as root (sudo), or set api.operator_group in chatd's config"
 	}
@@ -258,7 +292,7 @@ func (a *apiServer) permissionHint() string {
 }
 
 // logPOST logs a POST with who made it. Never pass it the UserSig.
-func (a *apiServer) logPOST(r *http.Request, pc PeerCred, outcome string, attrs ...slog.Attr) {
+func (a *Server) logPOST(r *http.Request, pc PeerCred, outcome string, attrs ...slog.Attr) {
 	_, known := PeerCredFromContext(r.Context())
 	base := []slog.Attr{slog.String("path", r.URL.Path), slog.String("outcome", outcome)}
 	if known {
@@ -269,16 +303,67 @@ func (a *apiServer) logPOST(r *http.Request, pc PeerCred, outcome string, attrs 
 	a.log.LogAttrs(r.Context(), slog.LevelInfo, "api "+r.Method, append(base, attrs...)...)
 }
 
-// decodeLoginRequest reads the body of POST /v1/login into req. Its errors
-// never quote the body, which may hold a UserSig.
-func decodeLoginRequest(w http.ResponseWriter, r *http.Request, req *client.LoginRequest) *client.APIError {
+// discardBody reads a request's body, which no endpoint but POST /v1/login
+// uses (within the body timeout ServeHTTP set).
+func (a *Server) discardBody(w http.ResponseWriter, r *http.Request) *client.APIError {
+	rc := http.NewResponseController(w)
+	_, err := io.Copy(io.Discard, r.Body)
+	return bodyRead(w, rc, bodyError(err))
+}
+
+// bodyRead ends reading a request body. After a failure the connection is
+// closed after the answer (what is left of the body is not read, and
+// the read deadline stays); after success the read deadline goes, so that
+// the server's background read, which notices a caller hanging up, does
+// not end a long wait (an event stream, a login, a logout) with a timeout.
+func bodyRead(w http.ResponseWriter, rc *http.ResponseController, apiErr *client.APIError) *client.APIError {
+	if apiErr != nil {
+		w.Header().Set("Connection", "close")
+		return apiErr
+	}
+	_ = rc.SetReadDeadline(time.Time{})
+	return nil
+}
+
+// bodyError is the answer for an error reading a request body, or nil.
+func bodyError(err error) *client.APIError {
+	var (
+		maxErr *http.MaxBytesError
+		ne     net.Error
+	)
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &maxErr):
+		return &client.APIError{
+			HTTPStatus: http.StatusRequestEntityTooLarge,
+			Message:    fmt.Sprintf("request body is larger than %d bytes", maxLoginBody),
+			Hint:       "a login request is a user_id and a UserSig, far smaller than that",
+		}
+	case errors.As(err, &ne) && ne.Timeout():
+		return &client.APIError{
+			HTTPStatus: http.StatusRequestTimeout,
+			Message:    "reading the request body timed out",
+			Hint:       "send the whole request at once",
+		}
+	}
+	return &client.APIError{HTTPStatus: http.StatusBadRequest, Message: "reading the request body failed"}
+}
+
+// decodeLoginRequest reads the body of POST /v1/login into req (within the
+// body timeout ServeHTTP set). Its errors never quote the body, which may
+// hold a UserSig.
+func (a *Server) decodeLoginRequest(w http.ResponseWriter, r *http.Request, req *client.LoginRequest) *client.APIError {
+	return bodyRead(w, http.NewResponseController(w), decodeLogin(r.Body, req))
+}
+
+// decodeLogin decodes a login request from body into req.
+func decodeLogin(body io.Reader, req *client.LoginRequest) *client.APIError {
 	const shape = `send {"user_id": "...", "user_sig": "..."}`
 	bad := func(msg string) *client.APIError {
 		return &client.APIError{HTTPStatus: http.StatusBadRequest, Message: msg, Hint: shape}
 	}
-	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(apiBodyTimeout))
-	defer http.NewResponseController(w).SetReadDeadline(time.Time{})
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLoginBody))
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(req)
 	if err == nil {
@@ -319,7 +404,7 @@ func decodeLoginRequest(w http.ResponseWriter, r *http.Request, req *client.Logi
 	default:
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			return &client.APIError{HTTPStatus: http.StatusRequestTimeout, Message: "reading the request body timed out"}
+			return bodyError(err)
 		}
 		return bad("malformed login request")
 	}
@@ -339,16 +424,26 @@ func decodeLoginRequest(w http.ResponseWriter, r *http.Request, req *client.Logi
 	return nil
 }
 
-func writeAPIJSON(w http.ResponseWriter, code int, v any) {
+// writeJSON answers v with HTTP status code, within the write timeout.
+func (a *Server) writeJSON(w http.ResponseWriter, code int, v any) {
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(a.Limits.WriteTimeout))
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
+	_, _ = w.Write(apiJSON(v))
 }
 
-func writeAPIError(w http.ResponseWriter, e *client.APIError) {
-	writeAPIJSON(w, e.HTTPStatus, e)
+func (a *Server) writeError(w http.ResponseWriter, e *client.APIError) {
+	a.writeJSON(w, e.HTTPStatus, e)
+}
+
+// apiJSON is v as the API's answers show it: indented, one newline at the
+// end.
+func apiJSON(v any) []byte {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		b = []byte(`{"error": "internal error: encoding the answer failed"}`)
+	}
+	return append(b, '\n')
 }
 
 // ListenSocket listens on the Unix socket path for the local API (see
@@ -362,29 +457,33 @@ func ListenSocket(path string, groupGID int) (net.Listener, error) {
 	return ln, err
 }
 
-// ServeAPI serves h on ln until ctx ends, then shuts down gracefully (open
-// event streams end at once) and returns nil. Each request's context carries
-// the peer credentials of its Unix socket connection (PeerCredFromContext).
-func ServeAPI(ctx context.Context, ln net.Listener, h http.Handler) error {
+// Serve serves the API on ln until ctx ends, then shuts down gracefully
+// (open event streams end at once) and returns nil. Each request's context
+// carries the peer credentials of its Unix socket connection
+// (PeerCredFromContext). Connections beyond the caps of Options.Limits are
+// answered 503 and closed; slow and idle callers are cut off by its
+// timeouts. Serve is called at most once.
+func (a *Server) Serve(ctx context.Context, ln net.Listener) error {
+	lln := newLimitListener(ln, a.Limits, a.conns, a.metrics)
+	defer lln.wg.Wait()
 	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    16 << 10,
+		Handler:           a,
+		ReadHeaderTimeout: a.Limits.HeaderTimeout,
+		IdleTimeout:       a.Limits.IdleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		// Requests inherit ctx, so that event streams end when it does and
 		// Shutdown does not wait for them.
 		BaseContext: func(net.Listener) context.Context { return ctx },
 		ConnContext: func(cctx context.Context, c net.Conn) context.Context {
-			if uc, ok := c.(*net.UnixConn); ok {
-				if pc, err := peerCredOf(uc); err == nil {
-					return withPeerCred(cctx, pc)
-				}
+			if lc, ok := c.(*limitedConn); ok && lc.known {
+				return withPeerCred(cctx, lc.pc)
 			}
 			return cctx
 		},
+		ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelDebug),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(lln) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serving the API on %s: %w", ln.Addr(), err)

@@ -1,6 +1,6 @@
 //go:build !linux
 
-package daemon
+package localapi
 
 import (
 	"errors"
@@ -8,7 +8,7 @@ import (
 )
 
 // peerCredOf is only implemented on Linux; elsewhere every caller is
-// treated as unknown (read-only, unless APIOptions.TrustNonUnix).
+// treated as unknown (read-only, unless Options.TrustNonUnix).
 func peerCredOf(c *net.UnixConn) (PeerCred, error) {
 	return PeerCred{}, errors.New("peer credentials are only supported on Linux")
 }
