@@ -307,12 +307,12 @@ func (d *Daemon) goTracked(f func()) {
 }
 
 // exec carries out effects in order. Persist comes first in a batch, so
-// that what follows is durable; the snapshot is refreshed before callers
-// are answered, so that a caller reading the status after its answer sees
-// the state that answered it.
+// that what follows is durable. Callers are answered last, after the
+// snapshot is refreshed and the batch's events are out, so that a caller
+// sees everything that led to its answer.
 func (d *Daemon) exec(ctx context.Context, effects []Effect) {
 	persistNote := ""
-	published := false
+	var answers []Answer
 	for _, e := range effects {
 		switch e := e.(type) {
 		case Persist:
@@ -349,18 +349,7 @@ func (d *Daemon) exec(ctx context.Context, effects []Effect) {
 		case Emit:
 			d.emit(e.Event)
 		case Answer:
-			if !published {
-				d.publish()
-				published = true
-			}
-			if ch := d.waiters[e.Waiter]; ch != nil {
-				delete(d.waiters, e.Waiter)
-				desc := e.Desc
-				if persistNote != "" {
-					desc += " (" + persistNote + ")"
-				}
-				ch <- loginReply{e.Code, desc}
-			}
+			answers = append(answers, e)
 		case SetStatus:
 			if e.Line != d.statusLine {
 				d.statusLine = e.Line
@@ -372,6 +361,20 @@ func (d *Daemon) exec(ctx context.Context, effects []Effect) {
 			d.log.Log(ctx, e.Level, e.Msg, e.Args...)
 		case Count:
 			d.metrics.count(e.Name, e.Code)
+		}
+	}
+	if len(answers) == 0 {
+		return
+	}
+	d.publish()
+	for _, a := range answers {
+		if ch := d.waiters[a.Waiter]; ch != nil {
+			delete(d.waiters, a.Waiter)
+			desc := a.Desc
+			if persistNote != "" {
+				desc += " (" + persistNote + ")"
+			}
+			ch <- loginReply{a.Code, desc}
 		}
 	}
 }
