@@ -339,11 +339,19 @@ func pingTimeout(keepAlive time.Duration) time.Duration {
 
 // Close ends the connection. With goodbye, it first tells the gateway the
 // device is going offline (a clean disconnect sends no Will).
+//
+// A goodbye that the broker did not acknowledge in time is replaced by the
+// Will (the connection is cut instead of closed), so that the gateway
+// learns the device went away either way.
 func (c *Conn) Close(goodbye bool) {
 	if goodbye && c.c.IsConnectionOpen() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = c.publish(ctx, Message{Type: TypeOffline, Conn: c.connID})
+		err := c.publish(ctx, Message{Type: TypeOffline, Conn: c.connID})
 		cancel()
+		if err != nil {
+			c.Abort()
+			return
+		}
 	}
 	c.c.Disconnect(250)
 	c.markLost(errors.New("closed"))
