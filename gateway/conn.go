@@ -154,6 +154,11 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 			m.Ack()
 		}
 	}
+	// A persistent session's queued messages arrive right after CONNACK,
+	// before the subscription below has added its route: without a default
+	// handler paho would drop them (a goodbye sent while the gateway was
+	// down, a login waiting for it).
+	o.SetDefaultPublishHandler(handler)
 	filter := g.topics.UpFilter()
 	o.SetOnConnectHandler(func(c paho.Client) {
 		g.brokerUp.Store(true)
