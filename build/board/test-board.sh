@@ -10,7 +10,7 @@
 # Environment:
 #   BOARD_DEBS="FILE..." the chatd and chatgw .debs to test (default: build them
 #                       with build/packages.sh for ARCH)
-#   BOARD_CLOCK_STEP=S  the clock scenario: boot 1 starts with the board's clock S
+#   BOARD_CLOCK_STEP=S  the clock scenario, a third boot: it starts with the clock S
 #                       seconds behind (default 31536000, a year), NTP off; chatd
 #                       logs in, then the clock is stepped forward with date -s
 #                       and chatgw restarted. 0 leaves it out (reported as SKIP).
@@ -307,6 +307,7 @@ if [ "$CLOCK_STEP" != 0 ]; then
 	# without RTC or NTP); board-check.sh steps it forward later.
 	echo "$CLOCK_STEP" > "$root/usr/local/lib/board/clock-step"
 	install -m 0644 "$board/guest/board-clock.service" "$root/etc/systemd/system/board-clock.service"
+	mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
 	ln -sf /etc/systemd/system/board-clock.service "$root/etc/systemd/system/sysinit.target.wants/board-clock.service"
 fi
 

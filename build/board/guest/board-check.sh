@@ -5,12 +5,14 @@
 # b2_ (after the reboot). The host judges them; this script only measures.
 #
 # First boot: LOGINED, permissions, then the broker outage (the host stops
-# chatgw when it reads b1_outage=ready), then the clock step (when
-# board-clock.service set the clock back at boot: step it forward with
-# date -s; the host restarts chatgw when it reads b1_clock=stepped), then a
-# reboot. Second boot: LOGINED again with the same session (resumed from
-# chatd's state), the packaged chatgw.service configured and started,
-# memory after 60 s idle, the journal holds no UserSig, then power off.
+# chatgw when it reads b1_outage=ready), then a reboot. Second boot:
+# LOGINED again with the same session (resumed from chatd's state), the
+# packaged chatgw.service configured and started, memory after 60 s idle,
+# the journal holds no UserSig, then power off; or, with the clock scenario
+# (/usr/local/lib/board/clock-step), a reboot into a third boot whose clock
+# board-clock.service set back: a fresh login, the clock stepped forward
+# with date -s (the host restarts chatgw when it reads b3_clock=stepped),
+# then power off.
 set -u
 export LC_ALL=C
 PORT=/dev/virtio-ports/board
@@ -28,7 +30,9 @@ else
 	echo "BOARD: error=no virtio serial port $PORT"
 fi
 
-if [ -e "$STATE/boot1-done" ]; then
+if [ -e "$STATE/boot2-done" ]; then
+	boot=3
+elif [ -e "$STATE/boot1-done" ]; then
 	boot=2
 else
 	boot=1
@@ -162,72 +166,87 @@ if [ "$boot" = 1 ]; then
 	[ "$recovered" = 1 ] || report_chatd_log
 	report "phase=recovered"
 
-	# --- clock step ----------------------------------------------------------
-	# board-clock.service set the clock back before chatd started, so chatd
-	# logged in on a wrong clock. Step it forward (as NTP or an operator
-	# would), then the host restarts chatgw: chatd reconnects and must
-	# resume the same session, without onUserSigExpired.
-	if [ -s /usr/local/lib/board/clock-step ] && [ -s "$STATE/clock-back" ]; then
-		step=$(cat /usr/local/lib/board/clock-step)
-		report "clock_set_back=$(cat "$STATE/clock-back")"
-		st=$(status_json)
-		report "clock_session_before=$(field .session "$st")"
-		report "clock_status_before=$st"
-		events=$STATE/clock-events.jsonl
-		chatctl watch --json >"$events" 2>&1 &
-		watch_pid=$!
-		for _ in $(seq 1 100); do
-			grep -q '"type": *"status"' "$events" && break
-			sleep 0.2
-		done
-		report "clock_guest_before=$(date -u +%FT%TZ)"
-		date -s "@$(($(date +%s) + step))" >/dev/null
-		report "clock_guest_after=$(date -u +%FT%TZ)"
-		report "clock=stepped"
-		t0=$SECONDS
-		seen=0
-		while [ $((SECONDS - t0)) -lt 150 ]; do
-			if grep -qE '"type": *"on(Connecting|ConnectFailed)"' "$events"; then
-				seen=1
-				break
-			fi
-			sleep 0.5
-		done
-		recovered=0
-		while [ "$seen" = 1 ] && [ $((SECONDS - t0)) -lt 200 ]; do
-			if grep -q '"type": *"onConnectSuccess"' "$events"; then
-				st=$(status_json)
-				if [ "$(field .login_status "$st")" = 1 ] && [ "$(field .connected "$st")" = true ]; then
-					recovered=1
-					break
-				fi
-			fi
-			sleep 0.5
-		done
-		report "clock_recovered_after=$((SECONDS - t0))"
-		# Time for a late onUserSigExpired or logout to show.
-		sleep 10
-		kill "$watch_pid" 2>/dev/null
-		wait "$watch_pid" 2>/dev/null
-		st=$(status_json)
-		report "clock_disconnect_seen=$seen"
-		report "clock_recovered=$recovered"
-		report "clock_status=$st"
-		report "clock_session=$(field .session "$st")"
-		report "clock_login_status=$(field .login_status "$st")"
-		report "clock_expired_events=$(grep -c '"type": *"onUserSigExpired"' "$events")"
-		report "clock_events=$(jq -r 'select(.type != null and .type != "status") | .type + (if .code then "(" + (.code|tostring) + ")" else "" end)' "$events" 2>/dev/null | paste -sd' ' | cut -c1-300)"
-		[ "$recovered" = 1 ] || report_chatd_log
-		report "phase=clock_done"
-		st=$(status_json)
-	fi
-
 	# --- reboot -----------------------------------------------------------------
 	field .session "$st" > "$STATE/boot1-session"
 	touch "$STATE/boot1-done"
 	sync
 	report "reboot=now"
 	systemctl reboot
+	exit 0
+fi
+
+# --- third boot (with the clock scenario only): clock step --------------------
+# board-clock.service set the clock back before chatd started, as on a board
+# without RTC or NTP. A fresh login on that clock, then the clock is stepped
+# forward (as NTP or an operator would) and the host restarts chatgw: chatd
+# reconnects and must resume the same session, without onUserSigExpired.
+if [ "$boot" = 3 ]; then
+	report "clock_set_back=$(cat "$STATE/clock-back" 2>/dev/null)"
+	rc=0
+	chatctl wait --status LOGINED --timeout 180s >/dev/null 2>&1 || rc=$?
+	report "clock_resume_rc=$rc"
+	chatctl logout >/dev/null 2>&1
+	rc=0
+	chatctl login --user dev-42 --usersig-file /etc/chatd/usersig >/dev/null 2>"$STATE/clock-login.err" || rc=$?
+	report "clock_login_rc=$rc"
+	[ "$rc" = 0 ] || report "clock_login_err=$(head -c 300 "$STATE/clock-login.err" | tr '\n' ' ')"
+	rc=0
+	chatctl wait --status LOGINED --timeout 180s >/dev/null 2>&1 || rc=$?
+	report "clock_logined_rc=$rc"
+	step=$(cat /usr/local/lib/board/clock-step)
+	st=$(status_json)
+	report "clock_session_before=$(field .session "$st")"
+	report "clock_status_before=$st"
+	events=$STATE/clock-events.jsonl
+	chatctl watch --json >"$events" 2>&1 &
+	watch_pid=$!
+	for _ in $(seq 1 100); do
+		grep -q '"type": *"status"' "$events" && break
+		sleep 0.2
+	done
+	report "clock_guest_before=$(date -u +%FT%TZ)"
+	date -s "@$(($(date +%s) + step))" >/dev/null
+	report "clock_guest_after=$(date -u +%FT%TZ)"
+	report "clock=stepped"
+	t0=$SECONDS
+	seen=0
+	while [ $((SECONDS - t0)) -lt 150 ]; do
+		if grep -qE '"type": *"on(Connecting|ConnectFailed)"' "$events"; then
+			seen=1
+			break
+		fi
+		sleep 0.5
+	done
+	recovered=0
+	while [ "$seen" = 1 ] && [ $((SECONDS - t0)) -lt 200 ]; do
+		if grep -q '"type": *"onConnectSuccess"' "$events"; then
+			st=$(status_json)
+			if [ "$(field .login_status "$st")" = 1 ] && [ "$(field .connected "$st")" = true ]; then
+				recovered=1
+				break
+			fi
+		fi
+		sleep 0.5
+	done
+	report "clock_recovered_after=$((SECONDS - t0))"
+	# Time for a late onUserSigExpired or logout to show.
+	sleep 10
+	kill "$watch_pid" 2>/dev/null
+	wait "$watch_pid" 2>/dev/null
+	st=$(status_json)
+	report "clock_disconnect_seen=$seen"
+	report "clock_recovered=$recovered"
+	report "clock_status=$st"
+	report "clock_session=$(field .session "$st")"
+	report "clock_login_status=$(field .login_status "$st")"
+	report "clock_expired_events=$(grep -c '"type": *"onUserSigExpired"' "$events")"
+	report "clock_events=$(jq -r 'select(.type != null and .type != "status") | .type + (if .code then "(" + (.code|tostring) + ")" else "" end)' "$events" 2>/dev/null | paste -sd' ' | cut -c1-300)"
+	[ "$recovered" = 1 ] || report_chatd_log
+	report "phase=clock_done"
+	report_unit
+	report "phase=done"
+	sync
+	systemctl poweroff
 	exit 0
 fi
 
@@ -272,6 +291,14 @@ report "journal_eJ_hits=$(journalctl -u chatd --no-pager -o verbose 2>/dev/null 
 report "analyze_time=$(timeout 60 systemd-analyze time 2>&1 | head -n 1)"
 report "analyze_chain=$(timeout 60 systemd-analyze critical-chain chatd.service 2>&1 | grep -E '[@+][0-9]' | head -n 8 | sed 's/^[^a-z]*//' | tr '\n' ';')"
 
+if [ -s /usr/local/lib/board/clock-step ]; then
+	# The clock scenario gets a boot of its own.
+	touch "$STATE/boot2-done"
+	sync
+	report "reboot=now"
+	systemctl reboot
+	exit 0
+fi
 report "phase=done"
 sync
 systemctl poweroff
