@@ -15,7 +15,7 @@
 #                       logs in, then the clock is stepped forward with date -s
 #                       and chatgw restarted. 0 leaves it out (reported as SKIP).
 #   BOARD_CACHE=DIR     where root file systems are cached (default /var/cache/chatd-board)
-#   BOARD_TIMEOUT=SECS  hard limit on the QEMU run (default 900); the root fs build
+#   BOARD_TIMEOUT=SECS  hard limit on the QEMU run (default 1200); the root fs build
 #                       has its own (BOARD_ROOTFS_TIMEOUT, default 2400)
 #   BOARD_KEEP=1        keep the run's directory (logs, image) after success too
 #
@@ -49,7 +49,7 @@ if [ "${1:-}" = --rootfs-only ]; then
 fi
 ARCH=${1:-${ARCH:-arm64}}
 CACHE=${BOARD_CACHE:-/var/cache/chatd-board}
-TIMEOUT=${BOARD_TIMEOUT:-900}
+TIMEOUT=${BOARD_TIMEOUT:-1200}
 SUITE=bookworm
 
 log() { printf 'board: %s\n' "$*" >&2; }
