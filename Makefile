@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := chatd chatctl chatgw
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs test-board clean
+.PHONY: help build test check check-fast check-system system-deps deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs test-board clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,19 +30,28 @@ deps: apt-deps npm-deps ## Install what `make check` needs (Debian packages, the
 # end-to-end tests, QEMU for the ARM runs. As root they are installed with
 # apt-get; otherwise the exact command is printed.
 APT_PKGS := mosquitto mosquitto-clients prometheus gcc libc6-dev curl systemd qemu-user-static binfmt-support
+# And for check-system: lintian for the packages, mmdebstrap and file for
+# the chroot and the board's root file system, QEMU for the board.
+APT_SYSTEM_PKGS := $(APT_PKGS) lintian mmdebstrap file jq arch-test e2fsprogs qemu-system-arm
 apt-deps:
-	@missing=""; for p in $(APT_PKGS); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing:$$missing"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
-		else \
-			echo "missing Debian packages:$$missing"; \
-			echo "run: sudo apt-get install -y$$missing"; exit 1; \
-		fi; \
-	fi
+	@$(call apt_install,$(APT_PKGS))
+system-deps: apt-deps npm-deps ## Install what `make check-system` needs too (lintian, mmdebstrap, QEMU).
+	@$(call apt_install,$(APT_SYSTEM_PKGS))
+
+define apt_install
+missing=""; for p in $(1); do \
+	dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	else \
+		echo "missing Debian packages:$$missing"; \
+		echo "run: sudo apt-get install -y$$missing"; exit 1; \
+	fi; \
+fi
+endef
 
 npm-deps: usersig/interop/node_modules/.installed ## Install the official tls-sig-api-v2 npm package for the interop test.
 usersig/interop/node_modules/.installed: usersig/interop/package.json usersig/interop/package-lock.json
@@ -63,13 +72,20 @@ fuzz: ## Run each fuzz target for FUZZTIME (default 10s); the corpora live in te
 		$(GO) test $$pkg -run '^$$' -fuzz "^$$name\$$" -fuzztime $(or $(FUZZTIME),10s) || exit 1; \
 	done
 
-check: deps fmt-check vet ## Everything CI runs: every test, with Mosquitto and the npm interop, ARM under QEMU.
+check: ## Everything CI runs: check-fast, then check-system.
+	$(MAKE) --no-print-directory check-fast
+	$(MAKE) --no-print-directory check-system
+
+check-fast: deps fmt-check vet ## gofmt, vet, every Go test with the race detector (end to end on loopback, Mosquitto, npm interop, manual pages), the demo. No root needed once deps are installed.
 	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 CHATD_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory demo-smoke
+
+check-system: system-deps ## As root: the units (systemd-analyze), the packages (lintian, Debian 12 chroot, upgrade), ARM under qemu-user, the QEMU board.
+	@[ "$$(id -u)" = 0 ] || { echo "check-system: run it as root (chroot, binfmt_misc, mmdebstrap): sudo make check-system"; exit 1; }
 	$(MAKE) --no-print-directory check-units
 	$(MAKE) --no-print-directory check-debs
 	$(MAKE) --no-print-directory test-arm
-	$(MAKE) --no-print-directory test-board
+	BOARD_DEBS="$$(ls dist/chatd_*_arm64.deb dist/chatgw_*_arm64.deb | tr '\n' ' ')" $(MAKE) --no-print-directory test-board
 
 test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64, and the end-to-end test on arm64.
 	CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 ./build/test-arm.sh
@@ -77,13 +93,13 @@ test-arm: deps ## Run the test suite under qemu-user for ARMv6, ARMv7 and arm64,
 check-units: ## Verify the systemd units and their exposure score (at most 2.0).
 	./build/check-units.sh
 
-packages: ## Build the Debian packages (armhf = ARMv6 build, arm64, amd64) into dist/.
+packages: ## Build the Debian packages into dist/: chatd (armhf = ARMv6 build, arm64, amd64) and chatgw (arm64, amd64).
 	./build/packages.sh $(DEB_VERSION)
 
-check-debs: packages ## Inspect the .debs and install the amd64 one in a Debian 12 chroot (root).
+check-debs: packages ## Inspect the .debs (files, lintian) and install, upgrade and purge the amd64 ones in a Debian 12 chroot (root).
 	./build/check-packages.sh
 
-test-board: build ## Boot a whole ARM board (Debian 12, systemd) in QEMU with the chatd package: login, permissions, broker outage, reboot (ARCH=armhf too).
+test-board: build ## Boot a whole ARM board (Debian 12, systemd) in QEMU with the chatd and chatgw packages: login, permissions, broker outage, clock step, reboot (ARCH=armhf too).
 	./build/board/test-board.sh $(or $(ARCH),arm64)
 
 cross: ## Build chatd, chatctl, chatgw for ARMv6, ARMv7, arm64 and amd64 into dist/cross/ (static, stripped, reproducible) and print their sizes.

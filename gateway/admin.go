@@ -112,11 +112,13 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 // ListenAdmin listens on addr: a path (containing '/') is a Unix socket made
-// 0660, never taking over one that another chatgw still serves; anything else is host:port and must be a loopback address, since
-// the API has no authentication of its own.
-func ListenAdmin(addr string) (net.Listener, error) {
+// 0660 and given to group gid (-1: the process's own group), never taking
+// over one that another chatgw still serves; anything else is host:port
+// and must be a loopback address, since the API has no authentication of
+// its own.
+func ListenAdmin(addr string, gid int) (net.Listener, error) {
 	if strings.Contains(addr, "/") {
-		ln, err := unixsock.Listen(addr, "admin socket", -1)
+		ln, err := unixsock.Listen(addr, "admin socket", gid)
 		if errors.Is(err, unixsock.ErrInUse) {
 			return nil, fmt.Errorf("%w; is another chatgw running?", err)
 		}

@@ -25,6 +25,12 @@ type ServeConfig struct {
 	// MaxExpiredAge is the embedded broker's bound on expired UserSigs
 	// (default DefaultMaxExpiredAge).
 	MaxExpiredAge time.Duration
+	// AdminGID, for a socket path, is the group given the socket (mode
+	// 0660); 0 leaves it the process's own group (root needs no group).
+	AdminGID int
+	// Started, when set, is called with the gateway before it serves (for
+	// the service manager's watchdog and status line).
+	Started func(*Gateway)
 	// Ready, when set, is called once the broker listens, the state is
 	// loaded, the admin API is up and the gateway is subscribed, with the
 	// broker's and the admin API's addresses.
@@ -72,7 +78,11 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 	var adminAddr net.Addr
 	srvErr := make(chan error, 1)
 	if cfg.Admin != "" {
-		ln, err := ListenAdmin(cfg.Admin)
+		gid := -1
+		if cfg.AdminGID > 0 {
+			gid = cfg.AdminGID
+		}
+		ln, err := ListenAdmin(cfg.Admin, gid)
 		if err != nil {
 			return err
 		}
@@ -85,6 +95,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			hs.Shutdown(sctx)
 		}()
 		log.Info("admin API listening", "addr", adminAddr.String())
+	}
+	if cfg.Started != nil {
+		cfg.Started(g)
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- g.Serve(ctx, bo) }()

@@ -1,21 +1,19 @@
 package main
 
 import (
-	"chatd/codes"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
+	"os/user"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/BurntSushi/toml"
-
+	"chatd/codes"
 	"chatd/gateway"
 	"chatd/mqtt"
 	"chatd/usersig"
@@ -74,79 +72,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return usageErr("unknown command %q\n%s", args[0], usage)
 }
 
-// fileConfig is the TOML config of `chatgw serve --config`.
-type fileConfig struct {
-	SDKAppID           uint64 `toml:"sdkappid"`
-	KeyFile            string `toml:"key_file"`
-	EmbeddedBroker     string `toml:"embedded_broker"`
-	Broker             string `toml:"broker"`
-	BrokerUsername     string `toml:"broker_username"`
-	BrokerPasswordFile string `toml:"broker_password_file"`
-	BrokerClientID     string `toml:"broker_client_id"`
-	TLSCA              string `toml:"tls_ca"`
-	TLSCert            string `toml:"tls_cert"`
-	TLSKey             string `toml:"tls_key"`
-	State              string `toml:"state"`
-	Admin              string `toml:"admin"`
-	Policy             string `toml:"policy"`
-	MaxInstances       string `toml:"max_instances"`
-	KickedOffline      string `toml:"kicked_offline"` // "succeed" (default) or "fail"
-	TopicPrefix        string `toml:"topic_prefix"`
-	LogLevel           string `toml:"log_level"`
-	// Per-device message rate (messages per second) and burst, at the
-	// embedded broker and at the gateway.
-	DeviceRate  float64 `toml:"device_rate"`
-	DeviceBurst int     `toml:"device_burst"`
-	// How long after its expiry a UserSig still gets a device onto the
-	// embedded broker (a Go duration, default 24h).
-	ExpiredUserSigGrace string `toml:"expired_usersig_grace"`
-}
-
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("chatgw serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var fc fileConfig
-	configPath := fs.String("config", "", "TOML config file; flags override it")
-	fs.Func("sdkappid", "the app's SDKAppID", func(s string) error {
-		n, err := strconv.ParseUint(s, 10, 64)
-		fc.SDKAppID = n
-		return err
-	})
-	str := func(p *string, name, help string) { fs.Func(name, help, func(s string) error { *p = s; return nil }) }
-	var o fileConfig
-	str(&o.KeyFile, "key-file", "file holding the app's secret key (never pass the key itself)")
-	str(&o.EmbeddedBroker, "embedded-broker", "run an MQTT broker in-process on HOST:PORT for devices")
-	str(&o.Broker, "broker", "external broker URL (tcp://host:1883, ssl://host:8883)")
-	str(&o.BrokerUsername, "broker-username", "username on the external broker")
-	str(&o.BrokerPasswordFile, "broker-password-file", "file holding the broker password")
-	str(&o.BrokerClientID, "client-id", "the gateway's MQTT client id on an external broker; keep it secret (default: a random one kept in the state file)")
-	fs.Func("device-rate", "messages per second one device may send on average (default 10)", func(s string) error {
-		v, err := strconv.ParseFloat(s, 64)
-		if err != nil || v <= 0 {
-			return errors.New("a positive number of messages per second")
-		}
-		o.DeviceRate = v
-		return nil
-	})
-	fs.Func("device-burst", "messages one device may send at once above its rate (default 20)", func(s string) error {
-		v, err := strconv.Atoi(s)
-		if err != nil || v < 1 {
-			return errors.New("a positive whole number")
-		}
-		o.DeviceBurst = v
-		return nil
-	})
-	str(&o.ExpiredUserSigGrace, "expired-usersig-grace", "embedded broker: how long after expiry a UserSig still connects, to hear 70001 (default 24h)")
-	str(&o.TLSCA, "tls-ca", "CA certificate file for ssl:// brokers")
-	str(&o.TLSCert, "tls-cert", "client certificate file")
-	str(&o.TLSKey, "tls-key", "client key file")
-	str(&o.State, "state", "state file (bbolt); empty keeps sessions in memory only")
-	str(&o.Admin, "admin", "admin API: a Unix socket path or a loopback HOST:PORT")
-	str(&o.Policy, "policy", "multi-client policy: single, dual, triple or multi (default single)")
-	str(&o.MaxInstances, "max-instances", "instances per platform: N, or Platform=N,... (default 1; Web up to 10, others up to 3)")
-	str(&o.KickedOffline, "kicked-offline", "first login after a kick while offline: succeed (default) or fail (6208)")
-	str(&o.TopicPrefix, "topic-prefix", "MQTT topic prefix (default chat)")
-	str(&o.LogLevel, "log-level", "debug, info, warn or error (default info)")
+	sf := newServeFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -156,59 +85,32 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return usageErr("serve takes no arguments, got %q", fs.Args())
 	}
-	// Flags were collected into o; the file goes under them.
-	flagSDKAppID := fc.SDKAppID
-	if *configPath != "" {
-		md, err := toml.DecodeFile(*configPath, &fc)
-		if err != nil {
-			return usageErr("config %s: %v", *configPath, err)
+	fc, err := sf.load()
+	if err != nil {
+		if sf.configured {
+			// Let the unit start so that it fails visibly (exit 2)
+			// instead of being skipped as "not configured".
+			fmt.Fprintln(stderr, "chatgw:", err)
+			return nil
 		}
-		if und := md.Undecoded(); len(und) > 0 {
-			return usageErr("config %s: unknown keys %v", *configPath, und)
+		return usageErr("%v", err)
+	}
+	if sf.configured {
+		if m := fc.missing(); m != "" {
+			where := "the command line"
+			if sf.config != "" {
+				where = sf.config
+			}
+			fmt.Fprintf(stderr, "chatgw: %s does not set %s yet; not starting\n", where, m)
+			return &cliError{code: exitFailure}
 		}
+		return nil
 	}
-	if flagSDKAppID != 0 {
-		fc.SDKAppID = flagSDKAppID
-	}
-	overlay(&fc, o)
 	cfg, err := buildServeConfig(fc)
 	if err != nil {
 		return usageErr("%v", err)
 	}
-	cfg.Logger = newLogger(stderr, fc.LogLevel)
-	return gateway.Run(ctx, cfg)
-}
-
-// overlay copies the non-empty string fields of o over fc.
-func overlay(fc *fileConfig, o fileConfig) {
-	set := func(dst *string, v string) {
-		if v != "" {
-			*dst = v
-		}
-	}
-	set(&fc.KeyFile, o.KeyFile)
-	set(&fc.EmbeddedBroker, o.EmbeddedBroker)
-	set(&fc.Broker, o.Broker)
-	set(&fc.BrokerUsername, o.BrokerUsername)
-	set(&fc.BrokerPasswordFile, o.BrokerPasswordFile)
-	set(&fc.TLSCA, o.TLSCA)
-	set(&fc.TLSCert, o.TLSCert)
-	set(&fc.TLSKey, o.TLSKey)
-	set(&fc.State, o.State)
-	set(&fc.Admin, o.Admin)
-	set(&fc.Policy, o.Policy)
-	set(&fc.MaxInstances, o.MaxInstances)
-	set(&fc.KickedOffline, o.KickedOffline)
-	set(&fc.TopicPrefix, o.TopicPrefix)
-	set(&fc.LogLevel, o.LogLevel)
-	set(&fc.BrokerClientID, o.BrokerClientID)
-	set(&fc.ExpiredUserSigGrace, o.ExpiredUserSigGrace)
-	if o.DeviceRate != 0 {
-		fc.DeviceRate = o.DeviceRate
-	}
-	if o.DeviceBurst != 0 {
-		fc.DeviceBurst = o.DeviceBurst
-	}
+	return runServe(ctx, cfg, fc.LogLevel, stderr)
 }
 
 func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
@@ -258,22 +160,34 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 	if fc.ExpiredUserSigGrace != "" {
 		d, err := time.ParseDuration(fc.ExpiredUserSigGrace)
 		if err != nil || d <= 0 {
-			return cfg, fmt.Errorf("expired-usersig-grace %q: use a positive duration such as 24h", fc.ExpiredUserSigGrace)
+			return cfg, fmt.Errorf("expired_usersig_grace %q: use a positive duration such as 24h", fc.ExpiredUserSigGrace)
 		}
 		if fc.EmbeddedBroker == "" {
-			return cfg, errors.New("expired-usersig-grace applies to the embedded broker only: on an external broker the broker's own accounts decide who connects")
+			return cfg, errors.New("expired_usersig_grace applies to the embedded broker only: on an external broker the broker's own accounts decide who connects")
 		}
 		cfg.MaxExpiredAge = d
 	}
 	if fc.BrokerClientID != "" {
 		if fc.EmbeddedBroker != "" {
-			return cfg, errors.New("client-id applies to an external broker only: on the embedded broker the gateway's connection is in-process and cannot be claimed")
+			return cfg, errors.New("broker_client_id applies to an external broker only: on the embedded broker the gateway's connection is in-process and cannot be claimed")
 		}
 		if err := mqtt.ValidateInstanceID(fc.BrokerClientID); err != nil {
-			return cfg, fmt.Errorf("client-id: %v", err)
+			return cfg, fmt.Errorf("broker_client_id: %v", err)
 		}
 		if fc.BrokerClientID == "chatgw" || len(fc.BrokerClientID) < 16 {
-			return cfg, fmt.Errorf("client-id %q is guessable: any device account that uses it pushes the gateway off the broker; use 16 or more random characters, or leave it unset for a random one kept in the state file", fc.BrokerClientID)
+			return cfg, fmt.Errorf("broker_client_id %q is guessable: any device account that uses it pushes the gateway off the broker; use 16 or more random characters, or leave it unset for a random one kept in the state file", fc.BrokerClientID)
+		}
+	}
+	if fc.AdminGroup != "" {
+		if !strings.Contains(fc.Admin, "/") {
+			return cfg, fmt.Errorf("admin_group %q: only an admin socket path has a group (admin is %q)", fc.AdminGroup, fc.Admin)
+		}
+		g, err := user.LookupGroup(fc.AdminGroup)
+		if err != nil {
+			return cfg, fmt.Errorf("admin_group %q: %v (create the group or name another)", fc.AdminGroup, err)
+		}
+		if cfg.AdminGID, err = strconv.Atoi(g.Gid); err != nil {
+			return cfg, fmt.Errorf("admin_group %q: gid %q: %v", fc.AdminGroup, g.Gid, err)
 		}
 	}
 	switch {
@@ -303,14 +217,6 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 		return cfg, errors.New("no broker: pass --embedded-broker HOST:PORT (for example 127.0.0.1:1883) or --broker URL")
 	}
 	return cfg, nil
-}
-
-func newLogger(w io.Writer, level string) *slog.Logger {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil || level == "" {
-		l = slog.LevelInfo
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l}))
 }
 
 // usersigFlags are the flags shared by gen and verify.
