@@ -233,7 +233,10 @@ trap 'exit 130' INT TERM
 "$chatgw" usersig gen --sdkappid $APPID --key-file "$run/key" --user $USER_ID --expire 86400 > "$run/usersig"
 port=""
 for _ in $(seq 1 50); do
-	p=$((20000 + RANDOM % 20000))
+	# Below the kernel's ephemeral range (32768 and up), so that no other
+	# process's outgoing connection or port-0 listener takes it before the
+	# host's chatgw binds it.
+	p=$((20000 + RANDOM % 12000))
 	if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
 		port=$p
 		break
