@@ -195,6 +195,7 @@ func TestSanitizeHelperError(t *testing.T) {
 		{"usersig_command failed: exit status 1: curl: (6) Could not resolve host", "usersig_command failed: exit status 1: curl: (6) Could not resolve host"},
 		{"usersig_command failed: exit status 22: > Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc123def456ghi789\n< HTTP/1.1 401", "usersig_command failed: exit status 22: > Authorization: [redacted] [redacted] ..."},
 		{"failed: + TOKEN=s3cr3tvalue curl https://x/?sig=abc", "failed: + TOKEN=[redacted] curl https://x/?sig=[redacted]"},
+		{"failed: + curl -H 'Authorization: Bearer abc' https://x", "failed: + curl -H 'Authorization: [redacted] [redacted] https://x"},
 		{"printed eJwtzEELgjAYxvHv8p5HzKlrKz02cNcg1Kyz as a word", "printed [redacted] as a word"},
 		{strings.Repeat("x ", 200), strings.Repeat("x ", 78) + "x..."},
 	} {

@@ -1712,11 +1712,12 @@ func sanitizeHelperError(s string) string {
 	words := strings.Fields(s)
 	redactNext := false
 	for i, w := range words {
-		lw := strings.ToLower(w)
+		lw := strings.ToLower(strings.TrimLeft(w, `'"(<[{`))
 		switch {
 		case redactNext:
 			words[i] = "[redacted]"
-			redactNext = false
+			// "Authorization: Bearer TOKEN": the scheme, then the token.
+			redactNext = lw == "bearer" || lw == "basic" || lw == "token"
 		case strings.HasPrefix(lw, "authorization:") || lw == "bearer" || lw == "basic":
 			redactNext = true
 		case looksSecret(w):
