@@ -244,7 +244,7 @@ func (c *Config) Check() []Problem {
 			continue
 		}
 		switch u.Scheme {
-		case "tcp", "mqtt", "ssl", "tls", "mqtts":
+		case "tcp", "mqtt", "ssl", "tls", "mqtts", "ws", "wss":
 			if u.Host == "" {
 				bad("broker", "%q has no host:port", b)
 			}

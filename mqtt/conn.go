@@ -357,8 +357,8 @@ func (c *Conn) Close(goodbye bool) {
 	c.markLost(errors.New("closed"))
 }
 
-// openConnection opens the network connection for paho (tcp, ssl and
-// unix, the schemes chatd's config allows), so that Abort can cut it.
+// openConnection opens the network connection for paho (tcp, ssl, ws, wss
+// and unix, the schemes chatd's config allows), so that Abort can cut it.
 func openConnection(uri *url.URL, opts paho.ClientOptions) (net.Conn, error) {
 	dialer := &net.Dialer{Timeout: opts.ConnectTimeout}
 	switch uri.Scheme {
@@ -376,6 +376,14 @@ func openConnection(uri *url.URL, opts paho.ClientOptions) (net.Conn, error) {
 			cfg = &tls.Config{}
 		}
 		return tls.DialWithDialer(dialer, "tcp", uri.Host, cfg)
+	case "ws", "wss":
+		u := *uri
+		u.User = nil
+		var cfg *tls.Config
+		if uri.Scheme == "wss" {
+			cfg = opts.TLSConfig
+		}
+		return paho.NewWebsocket(u.String(), cfg, opts.ConnectTimeout, opts.HTTPHeaders, opts.WebsocketOptions)
 	}
-	return nil, fmt.Errorf("broker URL %s: unsupported scheme %q; use tcp, ssl or unix", uri, uri.Scheme)
+	return nil, fmt.Errorf("broker URL %s: unsupported scheme %q; use tcp, ssl, ws, wss or unix", uri, uri.Scheme)
 }

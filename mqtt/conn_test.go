@@ -229,3 +229,47 @@ func TestRefusalCode(t *testing.T) {
 }
 
 func packetsConnErr(rc byte) error { return pahoConnErrors[rc] }
+
+// ws:// brokers work through the same connection code (and Abort).
+func TestWebsocketBroker(t *testing.T) {
+	srv := mochi.New(&mochi.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
+	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	if err := srv.AddListener(listeners.NewWebsocket(listeners.Config{ID: "ws", Address: addr})); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Serve(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	up := watchUp(t, srv, Topics{})
+	var c *Conn
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		c, err = Dial(ctx, DialOptions{Brokers: []string{"ws://" + addr + "/"}, UserID: "dev-1", Instance: "inst-1", UserSig: "x", ConnectTimeout: time.Second})
+		cancel()
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("dial ws://: %v", err)
+	}
+	c.Abort()
+	select {
+	case typ := <-up:
+		if typ != TypeOffline {
+			t.Fatalf("got %q, want the Will", typ)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no Will after Abort over a websocket")
+	}
+}
