@@ -168,15 +168,7 @@ func randomID() string {
 func (g *Gateway) countSessions() (active, online int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for _, s := range g.e.sessions {
-		if s.Active() {
-			active++
-			if s.Online {
-				online++
-			}
-		}
-	}
-	return active, online
+	return g.e.counts()
 }
 
 // Close releases the state file.
