@@ -200,12 +200,35 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		g.brokerUp.Store(false)
 		g.SetPublisher(nil)
 	}()
-	for {
-		m, ok := q.pop(ctx)
-		if !ok {
-			return nil
-		}
-		g.HandleMessage(m.topic, m.payload)
-		m.ack()
+	for g.handleQueued(ctx, q) {
 	}
+	return nil
+}
+
+// maxBatch bounds the device messages handled in one group commit.
+const maxBatch = 256
+
+// handleQueued waits for the next device message, takes whatever else is
+// queued behind it (up to maxBatch), handles them as one group commit and
+// acknowledges them to the broker. It reports false when ctx ended.
+func (g *Gateway) handleQueued(ctx context.Context, q *fairQueue[inbound]) bool {
+	m, ok := q.pop(ctx)
+	if !ok {
+		return false
+	}
+	batch := []inbound{m}
+	for len(batch) < maxBatch {
+		m, ok := q.tryPop()
+		if !ok {
+			break
+		}
+		batch = append(batch, m)
+	}
+	g.HandleMessages(batch)
+	for _, m := range batch {
+		if m.ack != nil {
+			m.ack()
+		}
+	}
+	return true
 }

@@ -21,6 +21,7 @@ type stats struct {
 	logouts      atomic.Uint64
 	expired      atomic.Uint64
 	writeFails   atomic.Uint64
+	commits      atomic.Uint64
 	publishFails atomic.Uint64
 	kicks        *counterVec
 	logins       *counterVec
@@ -191,6 +192,7 @@ func (st *stats) write(w io.Writer) {
 	st.kicks.write(w)
 	st.drops.write(w)
 	st.evictions.write(w)
+	single("chatgw_state_commits_total", "State transactions written (one per batch of device messages that changed something).", st.commits.Load())
 	single("chatgw_state_write_failures_total", "State writes that failed (the changes are kept and written again).", st.writeFails.Load())
 	single("chatgw_publish_failures_total", "Messages to devices the broker connection did not take.", st.publishFails.Load())
 	st.throttled.write(w)
