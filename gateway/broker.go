@@ -462,15 +462,21 @@ func (l *pipeListener) Close() error {
 func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
 
 func (l *pipeListener) Dial(ctx context.Context) (net.Conn, error) {
-	client, server := net.Pipe()
+	client, server, err := connPair()
+	if err != nil {
+		return nil, err
+	}
 	select {
 	case l.conns <- server:
 		return client, nil
 	case <-l.done:
-		return nil, net.ErrClosed
+		err = net.ErrClosed
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		err = ctx.Err()
 	}
+	client.Close()
+	server.Close()
+	return nil, err
 }
 
 type pipeAddr struct{}
