@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -149,10 +150,7 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 			m.Ack()
 			return
 		}
-		if !q.push(key, inbound{topic: m.Topic(), payload: m.Payload(), ack: m.Ack}) {
-			g.stats.dropped(dropQueueFull)
-			m.Ack()
-		}
+		g.enqueueInbound(q, key, inbound{topic: m.Topic(), payload: m.Payload(), ack: m.Ack})
 	}
 	filter := g.topics.UpFilter()
 	o.SetOnConnectHandler(func(c paho.Client) {
@@ -205,6 +203,36 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	return nil
 }
 
+// enqueueInbound queues a device message for the gateway without
+// blocking. When the device's own share is full the message is dropped
+// (queue_full); when the whole queue is full the gateway is saturated: a
+// request is answered at once with the retryable 70169 and a
+// retry_after_ms from the pacer (busy), so the device neither waits for a
+// timeout nor comes back with everyone else.
+func (g *Gateway) enqueueInbound(q *fairQueue[inbound], key string, in inbound) {
+	switch q.offer(key, in) {
+	case pushed:
+		return
+	case shareFull:
+		g.stats.dropped(dropQueueFull)
+	case queueFull:
+		g.stats.dropped(dropBusy)
+		user, instance, _ := strings.Cut(key, "/")
+		if r, ok := busyAnswer(in.payload, g.pacer.retryAfter(g.now(), q.len())); ok {
+			switch r.Type {
+			case mqtt.TypeLoginResult:
+				g.stats.login(r.Code)
+			case mqtt.TypeResumeResult:
+				g.stats.resume(r.Code)
+			}
+			g.enqueue(Outbound{UserID: user, Instance: instance, Msg: r})
+		}
+	}
+	if in.ack != nil {
+		in.ack()
+	}
+}
+
 // maxBatch bounds the device messages handled in one group commit.
 const maxBatch = 256
 
@@ -224,7 +252,9 @@ func (g *Gateway) handleQueued(ctx context.Context, q *fairQueue[inbound]) bool 
 		}
 		batch = append(batch, m)
 	}
+	start := time.Now()
 	g.HandleMessages(batch)
+	defer func() { g.pacer.observe(len(batch), time.Since(start)) }()
 	for _, m := range batch {
 		if m.ack != nil {
 			m.ack()

@@ -77,6 +77,10 @@ type Gateway struct {
 	pub   Publisher
 	outq  chan Outbound
 
+	// pacer measures the gateway's capacity and spreads the retries it
+	// asks for when saturated.
+	pacer pacer
+
 	brokerUp atomic.Bool
 	queue    atomic.Pointer[fairQueue[inbound]]
 	// clientID is the default MQTT client id: kept in the state file, so

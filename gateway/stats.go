@@ -115,10 +115,11 @@ const (
 	dropRetained      = "retained"         // a retained message on an up topic
 	dropStaleOffline  = "stale_offline"    // offline naming another session or an older connection
 	dropSendQueueFull = "send_queue_full"  // an answer that found the outgoing queue full
+	dropBusy          = "busy"             // the whole queue was full: requests answered 70169 with retry_after_ms
 )
 
 var dropReasons = []string{dropBadTopic, dropMalformed, dropOversized, dropEmpty, dropUnknownType, dropRepeated,
-	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull}
+	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull, dropBusy}
 
 // Why the embedded broker refused a connection (chatgw_broker_refused_total).
 const (
@@ -144,9 +145,9 @@ func newStats(now func() time.Time, sessions func() (active, online int)) *stats
 			codeLabels(codes.OK, codes.InvalidParams, codes.InvalidUserID, codes.KickedOffline, codes.UserSigExpired,
 				codes.UserSigEmpty, codes.UserSigInvalid, codes.UserSigTruncated, codes.UserSigWrongKey,
 				codes.UserSigWrongUser, codes.UserSigWrongAppID, codes.TooManyFailures, codes.UserSigRevoked,
-				codes.ServerInternal2)...),
+				codes.ServerTimeout, codes.ServerInternal2)...),
 		resumes: newCounterVec("chatgw_resumes_total", "Resume requests answered, by result code.", "code",
-			codeLabels(codes.OK, codes.NotLoggedIn, codes.KickedOffline, codes.UserSigExpired, codes.ServerInternal2)...),
+			codeLabels(codes.OK, codes.NotLoggedIn, codes.KickedOffline, codes.UserSigExpired, codes.ServerTimeout, codes.ServerInternal2)...),
 		drops: newCounterVec("chatgw_messages_dropped_total", "Device messages not carried out, by reason.", "reason", dropReasons...),
 		evictions: newCounterVec("chatgw_state_evicted_total", "Remembered entries dropped because a bound was reached, by kind.", "kind",
 			"answer", "failure_counter", "tombstone", "instance_flag"),
