@@ -111,5 +111,12 @@ demo-smoke: build ## Start the demo, check it logs in, stop it.
 demo: build ## Run the gateway with its embedded broker and a demo device under .demo/ (Ctrl-C stops all).
 	@./build/demo.sh
 
+# Benchmarks: not part of `make check` (go test ./bench runs a tiny smoke).
+.PHONY: bench
+DEVICES ?= 2000
+RUNS    ?= 3
+bench: ## Measure each figure against its baseline in the same run, print ratios, write docs/benchmarks.md (DEVICES=2000 RUNS=3).
+	$(GO) run ./bench -devices $(DEVICES) -runs $(RUNS) -out docs/benchmarks.md
+
 clean: ## Remove build output and demo state.
 	rm -rf $(BIN) .demo dist

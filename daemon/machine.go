@@ -1319,13 +1319,24 @@ func retryable(r mqtt.Message) bool {
 	return codes.Retryable(r.Code) || r.Type == mqtt.TypeError
 }
 
+// retryDelay is how long to wait after a retryable answer r. A gateway
+// that is saturated says when to come back (retry_after_ms): the device
+// waits that long, capped at max_delay, plus up to a tenth more at random
+// (so devices told the same moment do not return together), and never
+// less than its own backoff.
 func (m *machine) retryDelay(r mqtt.Message) time.Duration {
 	if r.Code == codes.TooManyFailures {
 		// The code asks for a minute; on the same connection.
 		m.attempt++
 		return time.Minute
 	}
-	return m.backoff()
+	d := m.backoff()
+	if r.RetryAfterMs > 0 {
+		after := time.Duration(min(r.RetryAfterMs, m.cfg.MaxDelay.Milliseconds())) * time.Millisecond
+		after += time.Duration(m.cfg.Rand(int64(after/10) + 1))
+		d = max(d, after)
+	}
+	return d
 }
 
 func (m *machine) onResumed(req request, r mqtt.Message) {

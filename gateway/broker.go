@@ -270,10 +270,54 @@ func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
 		_ = h.srv.SendConnack(cl, code, false, nil)
 		return fmt.Errorf("connection refused (CONNACK %#x): %s", code.Code, r.reason)
 	}
+	h.awaitPredecessor(cl)
 	h.mu.Lock()
 	h.conns[cl] = &connState{conn: randomID(), bucket: bucket{tokens: float64(h.opts.RateLimit.Burst), last: h.opts.Now()}, username: string(pk.Connect.Username)}
 	h.mu.Unlock()
 	return nil
+}
+
+// takeoverWait bounds how long a connection waits for the broker to finish
+// with the previous connection of its client id.
+const takeoverWait = 2 * time.Second
+
+// awaitPredecessor ends the previous connection with cl's client id, if
+// there is one, and waits until mochi has finished cleaning up after it.
+//
+// mochi v2.7.9 cleans up after a clean-session connection in that
+// connection's own goroutine once its read loop ends: if the connection was
+// not taken over, it unsubscribes it and deletes its client id from the
+// client list, by id. When a device reconnects at once with the same id,
+// the new connection can take the old one over between that goroutine's
+// "taken over?" check and the deletion: the deletion then removes the new
+// connection from the client list (and the unsubscription its topic), so
+// nothing published to the device reaches it until it reconnects again,
+// and it waits a whole request timeout for its answer. Waiting here, before
+// mochi looks for a session to take over, lets the old connection's
+// cleanup finish first; the new one then starts afresh.
+func (h *authHook) awaitPredecessor(cl *mochi.Client) {
+	old, ok := h.srv.Clients.Get(cl.ID)
+	if !ok || old == cl {
+		return
+	}
+	// Only a connection whose session ends with it is cleaned up by its
+	// goroutine; one with a session to keep (MQTT 5 session expiry) is
+	// taken over by mochi without that race.
+	if old.Properties.ProtocolVersion == 5 && old.Properties.Props.SessionExpiryInterval != 0 ||
+		old.Properties.ProtocolVersion < 5 && !old.Properties.Clean {
+		return
+	}
+	if !old.Closed() {
+		_ = h.srv.DisconnectClient(old, packets.ErrSessionTakenOver)
+	}
+	deadline := time.Now().Add(takeoverWait)
+	for wait := 50 * time.Microsecond; time.Now().Before(deadline); wait = min(2*wait, 5*time.Millisecond) {
+		if cur, ok := h.srv.Clients.Get(cl.ID); !ok || cur != old {
+			return
+		}
+		time.Sleep(wait)
+	}
+	h.opts.Logger.Warn("broker: the previous connection of a client id was not cleaned up in time; taking it over", "client_id", cl.ID, "waited", takeoverWait)
 }
 
 // OnConnectAuthenticate lets in what OnConnect let through (mochi asks
@@ -418,15 +462,21 @@ func (l *pipeListener) Close() error {
 func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
 
 func (l *pipeListener) Dial(ctx context.Context) (net.Conn, error) {
-	client, server := net.Pipe()
+	client, server, err := connPair()
+	if err != nil {
+		return nil, err
+	}
 	select {
 	case l.conns <- server:
 		return client, nil
 	case <-l.done:
-		return nil, net.ErrClosed
+		err = net.ErrClosed
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		err = ctx.Err()
 	}
+	client.Close()
+	server.Close()
+	return nil, err
 }
 
 type pipeAddr struct{}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -149,10 +150,7 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 			m.Ack()
 			return
 		}
-		if !q.push(key, inbound{topic: m.Topic(), payload: m.Payload(), ack: m.Ack}) {
-			g.stats.dropped(dropQueueFull)
-			m.Ack()
-		}
+		g.enqueueInbound(q, key, inbound{topic: m.Topic(), payload: m.Payload(), ack: m.Ack})
 	}
 	// A persistent session's queued messages arrive right after CONNACK,
 	// before the subscription below has added its route: without a default
@@ -205,12 +203,67 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		g.brokerUp.Store(false)
 		g.SetPublisher(nil)
 	}()
-	for {
-		m, ok := q.pop(ctx)
-		if !ok {
-			return nil
-		}
-		g.HandleMessage(m.topic, m.payload)
-		m.ack()
+	for g.handleQueued(ctx, q) {
 	}
+	return nil
+}
+
+// enqueueInbound queues a device message for the gateway without
+// blocking. When the device's own share is full the message is dropped
+// (queue_full); when the whole queue is full the gateway is saturated: a
+// request is answered at once with the retryable 70169 and a
+// retry_after_ms from the pacer (busy), so the device neither waits for a
+// timeout nor comes back with everyone else.
+func (g *Gateway) enqueueInbound(q *fairQueue[inbound], key string, in inbound) {
+	switch q.offer(key, in) {
+	case pushed:
+		return
+	case shareFull:
+		g.stats.dropped(dropQueueFull)
+	case queueFull:
+		g.stats.dropped(dropBusy)
+		user, instance, _ := strings.Cut(key, "/")
+		if r, ok := busyAnswer(in.payload, g.pacer.retryAfter(g.now(), q.len())); ok {
+			switch r.Type {
+			case mqtt.TypeLoginResult:
+				g.stats.login(r.Code)
+			case mqtt.TypeResumeResult:
+				g.stats.resume(r.Code)
+			}
+			g.enqueue(Outbound{UserID: user, Instance: instance, Msg: r})
+		}
+	}
+	if in.ack != nil {
+		in.ack()
+	}
+}
+
+// maxBatch bounds the device messages handled in one group commit.
+const maxBatch = 256
+
+// handleQueued waits for the next device message, takes whatever else is
+// queued behind it (up to maxBatch), handles them as one group commit and
+// acknowledges them to the broker. It reports false when ctx ended.
+func (g *Gateway) handleQueued(ctx context.Context, q *fairQueue[inbound]) bool {
+	m, ok := q.pop(ctx)
+	if !ok {
+		return false
+	}
+	batch := []inbound{m}
+	for len(batch) < maxBatch {
+		m, ok := q.tryPop()
+		if !ok {
+			break
+		}
+		batch = append(batch, m)
+	}
+	start := time.Now()
+	g.HandleMessages(batch)
+	defer func() { g.pacer.observe(len(batch), time.Since(start)) }()
+	for _, m := range batch {
+		if m.ack != nil {
+			m.ack()
+		}
+	}
+	return true
 }

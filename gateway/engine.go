@@ -153,10 +153,16 @@ type engine struct {
 	// device sends again (same id, because no answer came in time) is
 	// answered again instead of being carried out twice.
 	replies *lru[mqtt.Message]
-	// next is the earliest moment Expire has something to do (zero: none).
-	next  time.Time
-	dirty changes
-	stats *stats
+	// The timers, so that a tick costs O(what is due), not O(fleet):
+	// expiries holds the active sessions by UserSig expiry, tombs the ended
+	// ones by end, flags the flagged instances (user/instance) by when
+	// they were flagged.
+	expiries, tombs, flags *dueHeap
+	// nActive and nOnline count the active sessions and the online ones
+	// among them (for the metrics, without a scan).
+	nActive, nOnline int
+	dirty            changes
+	stats            *stats
 }
 
 // userState indexes one user's sessions and flagged instances, so that a
@@ -192,6 +198,9 @@ func newEngine(cfg Config, newID func() string, st *stats) *engine {
 		users:    map[string]*userState{},
 		insts:    map[string]*instanceState{},
 		revoked:  map[string]int64{},
+		expiries: newDueHeap(),
+		tombs:    newDueHeap(),
+		flags:    newDueHeap(),
 		stats:    st,
 	}
 	e.failed = newLRU[*failures](cfg.FailureUsers, cfg.FailureWindow, func() { st.evicted("failure_counter") })
@@ -211,14 +220,31 @@ func (e *engine) user(id string) *userState {
 
 // addSession puts s into both indexes (login, and loading the state).
 func (e *engine) addSession(s *Session) {
+	if old, ok := e.sessions[s.ID]; ok {
+		e.removeSession(old)
+	}
 	e.sessions[s.ID] = s
 	e.user(s.UserID).sessions[s.ID] = s
 	if s.Active() {
-		e.wantExpire(s.ExpiresAt.Add(time.Second))
+		e.expiries.set(s.ID, s.ExpiresAt)
+		e.nActive++
+		if s.Online {
+			e.nOnline++
+		}
+	} else {
+		e.tombs.set(s.ID, s.EndedAt)
 	}
 }
 
 func (e *engine) removeSession(s *Session) {
+	if s.Active() {
+		e.nActive--
+		if s.Online {
+			e.nOnline--
+		}
+	}
+	e.expiries.remove(s.ID)
+	e.tombs.remove(s.ID)
 	delete(e.sessions, s.ID)
 	if u, ok := e.users[s.UserID]; ok {
 		delete(u.sessions, s.ID)
@@ -238,17 +264,32 @@ func (e *engine) addInstance(key string, st *instanceState) {
 	user, instance, _ := strings.Cut(key, "/")
 	e.insts[key] = st
 	e.user(user).insts[instance] = st
+	e.flags.set(key, st.Since)
 }
 
-// wantExpire makes Expire run no later than at.
-func (e *engine) wantExpire(at time.Time) {
-	if e.next.IsZero() || at.Before(e.next) {
-		e.next = at
+// NextExpire is when Expire next has a UserSig expiry to act on (zero: no
+// session is active). Expired means strictly after the expiry second.
+func (e *engine) NextExpire() time.Time {
+	if d, ok := e.expiries.peek(); ok {
+		return d.at.Add(time.Second)
+	}
+	return time.Time{}
+}
+
+// setOnline sets an active session's presence.
+func (e *engine) setOnline(s *Session, online bool) {
+	if s.Online == online {
+		return
+	}
+	s.Online = online
+	if s.Active() {
+		if online {
+			e.nOnline++
+		} else {
+			e.nOnline--
+		}
 	}
 }
-
-// NextExpire is when Expire next has work (zero: nothing is scheduled).
-func (e *engine) NextExpire() time.Time { return e.next }
 
 func instKey(user, instance string) string { return user + "/" + instance }
 
@@ -289,6 +330,7 @@ func (e *engine) setKickedOffline(now time.Time, user, instance string, v bool) 
 func (e *engine) dropInstance(user, instance string) {
 	k := instKey(user, instance)
 	delete(e.insts, k)
+	e.flags.remove(k)
 	if u, ok := e.users[user]; ok {
 		delete(u.insts, instance)
 		e.dropUserIfEmpty(user, u)
@@ -299,9 +341,14 @@ func (e *engine) dropInstance(user, instance string) {
 func (e *engine) touch(s *Session) { e.dirty.sessions[s.ID] = true }
 
 func (e *engine) end(s *Session, now time.Time, reason string) {
+	if s.Active() {
+		e.setOnline(s, false)
+		e.nActive--
+	}
 	s.EndReason = reason
 	s.EndedAt = now
-	s.Online = false
+	e.expiries.remove(s.ID)
+	e.tombs.set(s.ID, now)
 	e.touch(s)
 	// Bounded per user: a device can invent instance ids, and every login
 	// of a new one may end a session.
@@ -404,7 +451,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 				e.stats.dropped(dropStaleOffline)
 				continue
 			}
-			s.Online = false
+			e.setOnline(s, false)
 			s.LastSeen = now
 			e.touch(s)
 		}
@@ -570,7 +617,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 	}
 	switch s.EndReason {
 	case "":
-		s.Online = true
+		e.setOnline(s, true)
 		s.LastSeen = now
 		s.Conn = m.Conn
 		e.touch(s)
@@ -592,48 +639,56 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 }
 
 // Expire ends the sessions whose UserSig ran out (now > expiry) and tells
-// the online ones. It returns the messages and when to call it next (zero
-// when no session is active).
+// the online ones, and forgets the tombstones and flags older than
+// TombstoneTTL. It returns the messages and when to call it next (zero
+// when no session is active). It costs O(log n) per session or record it
+// acts on, and nothing for the others.
 func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
 	var out []Outbound
-	var next time.Time
-	for _, s := range e.sortedSessions() {
-		if !s.Active() {
-			if now.Sub(s.EndedAt) > e.cfg.TombstoneTTL {
-				e.removeSession(s)
-			}
+	for {
+		d, ok := e.expiries.peek()
+		if !ok || !now.After(d.at) {
+			break
+		}
+		s, ok := e.sessions[d.key]
+		if !ok || !s.Active() {
+			e.expiries.remove(d.key) // cannot happen: the indexes agree
 			continue
 		}
-		if now.After(s.ExpiresAt) {
-			online := s.Online
-			e.end(s, now, EndExpired)
-			e.stats.expired.Add(1)
-			if online {
-				out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
-					Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: codes.UserSigExpired,
-					Desc: "the UserSig expired at " + s.ExpiresAt.UTC().Format(time.RFC3339) + "; get a new UserSig, then log in", ServerTimeMs: now.UnixMilli(),
-				}})
-			}
-			continue
-		}
-		// Expired means strictly after the expiry second.
-		at := s.ExpiresAt.Add(time.Second)
-		if next.IsZero() || at.Before(next) {
-			next = at
+		online := s.Online
+		e.end(s, now, EndExpired)
+		e.stats.expired.Add(1)
+		if online {
+			out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
+				Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: codes.UserSigExpired,
+				Desc: "the UserSig expired at " + s.ExpiresAt.UTC().Format(time.RFC3339) + "; get a new UserSig, then log in", ServerTimeMs: now.UnixMilli(),
+			}})
 		}
 	}
-	for k, st := range e.insts {
-		if now.Sub(st.Since) > e.cfg.TombstoneTTL {
-			user, instance, _ := strings.Cut(k, "/")
-			e.dropInstance(user, instance)
+	for {
+		d, ok := e.tombs.peek()
+		if !ok || now.Sub(d.at) <= e.cfg.TombstoneTTL {
+			break
 		}
+		if s, ok := e.sessions[d.key]; ok {
+			e.removeSession(s)
+		} else {
+			e.tombs.remove(d.key) // cannot happen: the indexes agree
+		}
+	}
+	for {
+		d, ok := e.flags.peek()
+		if !ok || now.Sub(d.at) <= e.cfg.TombstoneTTL {
+			break
+		}
+		user, instance, _ := strings.Cut(d.key, "/")
+		e.dropInstance(user, instance)
 	}
 	e.failed.prune(now)
 	e.replies.prune(now)
 	// Tombstones and flags are swept too whenever this runs, at least
 	// hourly (RunTimers).
-	e.next = next
-	return out, next
+	return out, e.NextExpire()
 }
 
 // AllOffline marks every active session offline: at start-up, when no
@@ -643,13 +698,16 @@ func (e *engine) AllOffline() int {
 	n := 0
 	for _, s := range e.sessions {
 		if s.Active() && s.Online {
-			s.Online = false
+			e.setOnline(s, false)
 			e.touch(s)
 			n++
 		}
 	}
 	return n
 }
+
+// counts returns how many sessions are active and how many of them online.
+func (e *engine) counts() (active, online int) { return e.nActive, e.nOnline }
 
 // Kick ends every session of user, tells the online ones, and revokes the
 // UserSigs issued before now (later logins with them fail with 70052).

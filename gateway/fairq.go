@@ -94,13 +94,25 @@ func newFairQueue[T any](perKey, total int) *fairQueue[T] {
 	return &fairQueue[T]{perKey: perKey, total: total, queues: map[string]*list.List{}, ready: list.New(), wake: make(chan struct{}, 1)}
 }
 
+// pushResult says what push did.
+type pushResult int
+
+const (
+	pushed    pushResult = iota
+	shareFull            // the key's share was full: nothing queued
+	queueFull            // the whole queue was full: nothing queued
+)
+
 // push queues v for key; it reports false, queuing nothing, when key's
 // share or the whole queue is full.
-func (q *fairQueue[T]) push(key string, v T) bool {
+func (q *fairQueue[T]) push(key string, v T) bool { return q.offer(key, v) == pushed }
+
+// offer is push, saying which bound refused v.
+func (q *fairQueue[T]) offer(key string, v T) pushResult {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.n >= q.total {
-		return false
+		return queueFull
 	}
 	fifo, ok := q.queues[key]
 	if !ok {
@@ -109,7 +121,7 @@ func (q *fairQueue[T]) push(key string, v T) bool {
 		q.ready.PushBack(key)
 	}
 	if fifo.Len() >= q.perKey {
-		return false
+		return shareFull
 	}
 	fifo.PushBack(v)
 	q.n++
@@ -117,7 +129,7 @@ func (q *fairQueue[T]) push(key string, v T) bool {
 	case q.wake <- struct{}{}:
 	default:
 	}
-	return true
+	return pushed
 }
 
 // pop waits for the next message: the oldest of the device whose turn it is.

@@ -77,6 +77,10 @@ type Gateway struct {
 	pub   Publisher
 	outq  chan Outbound
 
+	// pacer measures the gateway's capacity and spreads the retries it
+	// asks for when saturated.
+	pacer pacer
+
 	brokerUp atomic.Bool
 	queue    atomic.Pointer[fairQueue[inbound]]
 	// clientID is the default MQTT client id: kept in the state file, so
@@ -147,7 +151,7 @@ func New(opts Options) (*Gateway, error) {
 		n := 0
 		if opts.NoSurvivors {
 			n = g.e.AllOffline()
-			if err := st.flush(g.e); err != nil {
+			if _, err := st.flush(g.e); err != nil {
 				st.close()
 				return nil, fmt.Errorf("writing gateway state %s: %w", opts.StatePath, err)
 			}
@@ -168,15 +172,7 @@ func randomID() string {
 func (g *Gateway) countSessions() (active, online int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for _, s := range g.e.sessions {
-		if s.Active() {
-			active++
-			if s.Online {
-				online++
-			}
-		}
-	}
-	return active, online
+	return g.e.counts()
 }
 
 // Close releases the state file.
@@ -204,15 +200,28 @@ func (g *Gateway) SetPublisher(p Publisher) {
 // errUnwritten is what Kick returns when the state write failed.
 var errUnwritten = errors.New("the gateway state could not be written; the change is kept in memory and written again every second")
 
-// commit persists the engine's changes and queues out; call with g.mu held.
-// State is written before anyone is told, so a crash never leaves a device
-// holding a session the restarted gateway does not know. When the write
-// fails, the answer to the request being handled (req, if any) becomes a
-// retryable 70500, and the pushes wait for the next successful write.
-func (g *Gateway) commit(out []Outbound, req *Outbound) error {
+// reqID names a device request being answered: its device and id.
+type reqID struct{ user, instance, id string }
+
+// answers reports whether o is the answer to one of reqs (not a push).
+func answers(reqs map[reqID]bool, o Outbound) bool {
+	return o.Msg.Type != mqtt.TypeKick && o.Msg.Type != mqtt.TypeUserSigExpire && reqs[reqID{o.UserID, o.Instance, o.Msg.ID}]
+}
+
+// commit persists the engine's changes in one transaction and queues out;
+// call with g.mu held. State is written before anyone is told, so a crash
+// never leaves a device holding a session the restarted gateway does not
+// know. When the write fails, the answers to the requests being handled
+// (reqs) become a retryable 70500, and the pushes wait for the next
+// successful write.
+func (g *Gateway) commit(out []Outbound, reqs map[reqID]bool) error {
 	var err error
 	if g.st != nil {
-		err = g.st.flush(g.e)
+		var wrote bool
+		wrote, err = g.st.flush(g.e)
+		if wrote {
+			g.stats.commits.Add(1)
+		}
 	} else {
 		g.e.dirty.reset()
 	}
@@ -223,7 +232,7 @@ func (g *Gateway) commit(out []Outbound, req *Outbound) error {
 		g.unwritten = true
 		g.stats.writeFails.Add(1)
 		for _, o := range out {
-			if req != nil && o.UserID == req.UserID && o.Instance == req.Instance && o.Msg.ID == req.Msg.ID && o.Msg.Type != mqtt.TypeKick && o.Msg.Type != mqtt.TypeUserSigExpire {
+			if answers(reqs, o) {
 				g.enqueue(Outbound{UserID: o.UserID, Instance: o.Instance, Msg: mqtt.Message{
 					Type: o.Msg.Type, ID: o.Msg.ID, Session: o.Msg.Session, Code: codes.ServerInternal2,
 					Desc: "the gateway could not save this change; retry with backoff (the same request id gets the answer once it is saved)"}})
@@ -327,19 +336,49 @@ func (g *Gateway) parseUp(topic string) (user, instance string, err error) {
 // HandleMessage processes one MQTT message from a device's up topic.
 // Whatever it is, it never panics and never blocks on the network.
 func (g *Gateway) HandleMessage(topic string, payload []byte) {
+	g.HandleMessages([]inbound{{topic: topic, payload: payload}})
+}
+
+// HandleMessages processes a batch of device messages in order, as one
+// group commit: the changes of all of them are written in one transaction,
+// and only then do their answers and pushes go out. Under load the batch
+// is whatever queued up during the previous write, so the writes per
+// second stay bounded by the disk while the logins per second grow.
+func (g *Gateway) HandleMessages(batch []inbound) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []Outbound
+	var reqs map[reqID]bool
+	for _, in := range batch {
+		o, req, ok := g.handle(in.topic, in.payload)
+		if ok {
+			if reqs == nil {
+				reqs = map[reqID]bool{}
+			}
+			reqs[req] = true
+		}
+		out = append(out, o...)
+	}
+	if len(out) > 0 || !g.e.dirty.empty() {
+		g.commit(out, reqs)
+	}
+}
+
+// handle runs one message through the engine; call with g.mu held. It
+// returns what to send and, when the message is a request that gets an
+// answer, which request it is.
+func (g *Gateway) handle(topic string, payload []byte) (out []Outbound, req reqID, isReq bool) {
 	user, instance, err := g.parseUp(topic)
 	if err != nil {
 		g.stats.dropped(dropBadTopic)
 		g.log.Debug("dropped message", "topic", topic, "err", err)
-		return
+		return nil, reqID{}, false
 	}
 	if len(payload) == 0 {
 		g.stats.dropped(dropEmpty)
-		return
+		return nil, reqID{}, false
 	}
 	m, err := mqtt.Decode(payload)
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	if err != nil {
 		reason := dropMalformed
 		if len(payload) > mqtt.MaxPayload {
@@ -349,14 +388,12 @@ func (g *Gateway) HandleMessage(topic string, payload []byte) {
 		g.log.Debug("bad message from device", "user", user, "instance", instance, "err", err)
 		// Answer so a developer sees why, naming the request when it has
 		// an id.
-		g.commit([]Outbound{{UserID: user, Instance: instance, Msg: mqtt.Message{
-			Type: mqtt.TypeError, ID: mqtt.PeekID(payload), Code: codes.InvalidParams, Desc: err.Error()}}}, nil)
-		return
+		return []Outbound{{UserID: user, Instance: instance, Msg: mqtt.Message{
+			Type: mqtt.TypeError, ID: mqtt.PeekID(payload), Code: codes.InvalidParams, Desc: err.Error()}}}, reqID{}, false
 	}
 	now := g.now()
-	out := g.e.Handle(now, user, instance, m)
-	var req *Outbound
-	for i, o := range out {
+	out = g.e.Handle(now, user, instance, m)
+	for _, o := range out {
 		switch o.Msg.Type {
 		case mqtt.TypeLoginResult:
 			if o.Msg.Code == 0 {
@@ -370,10 +407,10 @@ func (g *Gateway) HandleMessage(topic string, payload []byte) {
 			g.log.Info("kick", "user", o.UserID, "instance", o.Instance, "session", o.Msg.Session, "reason", o.Msg.Reason)
 		}
 		if o.UserID == user && o.Instance == instance && o.Msg.ID == m.ID && o.Msg.Type != mqtt.TypeKick {
-			req = &out[i]
+			isReq = true
 		}
 	}
-	g.commit(out, req)
+	return out, reqID{user, instance, m.ID}, isReq
 }
 
 // Kick kicks every session of user and invalidates the UserSigs issued

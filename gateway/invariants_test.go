@@ -127,6 +127,28 @@ func checkInvariants(t *testing.T, e *engine, step int, user, inst string, m mqt
 			t.Errorf("step %d: %s keeps %d tombstones and %d flags, bound %d", step, id, ended, len(u.insts), e.cfg.MaxTombstones)
 		}
 	}
+	active, online, ended := 0, 0, 0
+	for id, s := range e.sessions {
+		_, exp := e.expiries.pos[id]
+		_, tomb := e.tombs.pos[id]
+		if s.Active() {
+			active++
+			if s.Online {
+				online++
+			}
+		} else {
+			ended++
+		}
+		if exp != s.Active() || tomb == s.Active() {
+			t.Errorf("step %d: session %s (active %v) is scheduled to expire %v, to be forgotten %v", step, id, s.Active(), exp, tomb)
+		}
+	}
+	if e.expiries.len() != active || e.tombs.len() != ended || e.flags.len() != len(e.insts) {
+		t.Errorf("step %d: timers hold %d expiries, %d tombstones, %d flags; the state %d, %d, %d", step, e.expiries.len(), e.tombs.len(), e.flags.len(), active, ended, len(e.insts))
+	}
+	if a, o := e.counts(); a != active || o != online {
+		t.Errorf("step %d: counted %d active, %d online; there are %d, %d", step, a, o, active, online)
+	}
 	if n != len(e.sessions) {
 		t.Errorf("step %d: %d sessions indexed per user, %d by id", step, n, len(e.sessions))
 	}

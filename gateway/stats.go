@@ -21,6 +21,7 @@ type stats struct {
 	logouts      atomic.Uint64
 	expired      atomic.Uint64
 	writeFails   atomic.Uint64
+	commits      atomic.Uint64
 	publishFails atomic.Uint64
 	kicks        *counterVec
 	logins       *counterVec
@@ -114,10 +115,11 @@ const (
 	dropRetained      = "retained"         // a retained message on an up topic
 	dropStaleOffline  = "stale_offline"    // offline naming another session or an older connection
 	dropSendQueueFull = "send_queue_full"  // an answer that found the outgoing queue full
+	dropBusy          = "busy"             // the whole queue was full: requests answered 70169 with retry_after_ms
 )
 
 var dropReasons = []string{dropBadTopic, dropMalformed, dropOversized, dropEmpty, dropUnknownType, dropRepeated,
-	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull}
+	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull, dropBusy}
 
 // Why the embedded broker refused a connection (chatgw_broker_refused_total).
 const (
@@ -143,9 +145,9 @@ func newStats(now func() time.Time, sessions func() (active, online int)) *stats
 			codeLabels(codes.OK, codes.InvalidParams, codes.InvalidUserID, codes.KickedOffline, codes.UserSigExpired,
 				codes.UserSigEmpty, codes.UserSigInvalid, codes.UserSigTruncated, codes.UserSigWrongKey,
 				codes.UserSigWrongUser, codes.UserSigWrongAppID, codes.TooManyFailures, codes.UserSigRevoked,
-				codes.ServerInternal2)...),
+				codes.ServerTimeout, codes.ServerInternal2)...),
 		resumes: newCounterVec("chatgw_resumes_total", "Resume requests answered, by result code.", "code",
-			codeLabels(codes.OK, codes.NotLoggedIn, codes.KickedOffline, codes.UserSigExpired, codes.ServerInternal2)...),
+			codeLabels(codes.OK, codes.NotLoggedIn, codes.KickedOffline, codes.UserSigExpired, codes.ServerTimeout, codes.ServerInternal2)...),
 		drops: newCounterVec("chatgw_messages_dropped_total", "Device messages not carried out, by reason.", "reason", dropReasons...),
 		evictions: newCounterVec("chatgw_state_evicted_total", "Remembered entries dropped because a bound was reached, by kind.", "kind",
 			"answer", "failure_counter", "tombstone", "instance_flag"),
@@ -191,6 +193,7 @@ func (st *stats) write(w io.Writer) {
 	st.kicks.write(w)
 	st.drops.write(w)
 	st.evictions.write(w)
+	single("chatgw_state_commits_total", "State transactions written (one per batch of device messages that changed something).", st.commits.Load())
 	single("chatgw_state_write_failures_total", "State writes that failed (the changes are kept and written again).", st.writeFails.Load())
 	single("chatgw_publish_failures_total", "Messages to devices the broker connection did not take.", st.publishFails.Load())
 	st.throttled.write(w)

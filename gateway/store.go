@@ -112,16 +112,16 @@ func (st *store) load(e *engine) error {
 	})
 }
 
-// flush writes what e changed since the last flush, in one transaction.
-// When it fails, nothing is written and e keeps the list of changes, so the
-// next flush writes them again.
-func (st *store) flush(e *engine) error {
+// flush writes what e changed since the last flush, in one transaction,
+// and reports whether it wrote anything. When it fails, nothing is written
+// and e keeps the list of changes, so the next flush writes them again.
+func (st *store) flush(e *engine) (bool, error) {
 	if e.dirty.empty() {
-		return nil
+		return false, nil
 	}
 	if st.failWrites != nil {
 		if err := st.failWrites(); err != nil {
-			return err
+			return false, err
 		}
 	}
 	err := st.db.Update(func(tx *bolt.Tx) error {
@@ -165,10 +165,11 @@ func (st *store) flush(e *engine) error {
 		}
 		return nil
 	})
-	if err == nil {
-		e.dirty.reset()
+	if err != nil {
+		return false, err
 	}
-	return err
+	e.dirty.reset()
+	return true, nil
 }
 
 // clientID returns the gateway's MQTT client id, making a random one at

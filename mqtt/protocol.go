@@ -91,6 +91,11 @@ type Message struct {
 	Reason string `json:"reason,omitempty"`
 	// ByPlatform is the platform of the login that caused a kick.
 	ByPlatform string `json:"by_platform,omitempty"`
+	// RetryAfterMs, on a retryable answer, is how long (milliseconds) the
+	// gateway asks the device to wait before it sends the request again:
+	// a saturated gateway spreads the retries it asks for over its
+	// measured capacity.
+	RetryAfterMs int64 `json:"retry_after_ms,omitempty"`
 }
 
 // String describes m without its UserSig.
