@@ -511,7 +511,7 @@ func (d *Daemon) runHelper(ctx context.Context, e RunHelper) {
 	})
 }
 
-// handleRunnerEvent unwraps what only the runner needs (the connection of
+// unwrap takes what only the runner needs (the connection of
 // a dial) before the machine sees the event.
 func (d *Daemon) unwrap(ev Event) Event {
 	if we, ok := ev.(waiterEvent); ok {

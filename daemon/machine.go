@@ -796,7 +796,7 @@ func (m *machine) timers() {
 		m.runHelper("retrying usersig_command")
 		return
 	}
-	if !m.renewFailed && m.renewDue() {
+	if m.renewDue() {
 		m.runHelper("renewal: the UserSig expires at " + m.sig.expires.UTC().Format(time.RFC3339))
 		return
 	}
@@ -1274,7 +1274,9 @@ func (m *machine) applyPush(msg mqtt.Message) {
 }
 
 func (m *machine) onAnswered(e EvAnswered) {
-	if e.Conn != m.conn || m.conn == 0 || m.req == nil || e.Req.ID != "" && m.req.msg.ID != "" && e.Req.ID != m.req.msg.ID {
+	// One request at a time is in flight on a connection: the connection
+	// id names the answer.
+	if e.Conn != m.conn || m.conn == 0 || m.req == nil {
 		return
 	}
 	req := *m.req

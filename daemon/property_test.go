@@ -181,11 +181,6 @@ func (p *propRun) exec(effects []Effect) {
 		switch e := e.(type) {
 		case Persist:
 			p.d.saved, p.d.found = e.State, true
-			for _, e2 := range effects {
-				if _, ok := e2.(Answer); ok {
-					break
-				}
-			}
 		case Dial:
 			p.dial = &e
 		case Send:
@@ -225,7 +220,7 @@ func (p *propRun) randomStep() {
 			return
 		}
 		p.conn, p.connUser = dl.Conn, dl.UserID
-		p.apply("dialled", dialedEvent(dl.Conn))
+		p.apply("dialled", EvDialed{Conn: dl.Conn})
 	case r < 30 && p.req != nil:
 		rq := *p.req
 		p.req = nil
@@ -326,8 +321,6 @@ func (p *propRun) randomStep() {
 	}
 }
 
-func dialedEvent(conn uint64) Event { return EvDialed{Conn: conn} }
-
 // restart: chatd dies (any moment) and starts again from what it persisted.
 func (p *propRun) restart() {
 	p.lastEvent = "restart"
@@ -367,7 +360,7 @@ func (p *propRun) settle() {
 			dl := *p.dial
 			p.dial = nil
 			p.conn, p.connUser = dl.Conn, dl.UserID
-			p.apply("settle: dialled", dialedEvent(dl.Conn))
+			p.apply("settle: dialled", EvDialed{Conn: dl.Conn})
 		case p.req != nil:
 			rq := *p.req
 			p.req = nil

@@ -72,14 +72,9 @@ func (d *Daemon) publish() {
 	if len(d.cfg.Broker) > 0 {
 		s.Broker = d.cfg.Broker[0]
 	}
-	known := m.anchored
-	srv := m.serverNow()
-	if !known {
-		srv = m.now.Wall.Add(m.st.ServerTimeOffset)
-	}
 	d.mu.Lock()
 	d.snap = s
-	d.serverAnchor = serverAnchor{known: known, server: srv, mono: m.now.Mono}
+	d.serverAnchor = serverAnchor{known: m.anchored, server: m.serverNow(), mono: m.now.Mono}
 	d.mu.Unlock()
 }
 
@@ -184,14 +179,11 @@ func (d *Daemon) Subscribe() (<-chan client.Event, func()) {
 // in an earlier run, for display only.
 func (d *Daemon) ServerTime() client.ServerTime {
 	d.mu.Lock()
-	a := d.serverAnchor
+	a, offset := d.serverAnchor, d.snap.ServerTimeOffset
 	d.mu.Unlock()
-	now := a.server
+	now := d.clock.Now().Add(time.Duration(offset) * time.Millisecond)
 	if a.known {
 		now = a.server.Add(d.clock.Mono() - a.mono)
-	} else {
-		s := d.Status()
-		now = d.clock.Now().Add(time.Duration(s.ServerTimeOffset) * time.Millisecond)
 	}
 	return client.ServerTime{ServerTime: now.Unix(), ServerTimeMs: now.UnixMilli(), Known: a.known}
 }

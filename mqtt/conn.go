@@ -31,14 +31,8 @@ const (
 // refusal of a connection (paho's typed errors), and false for anything
 // else (a network failure, a timeout).
 func RefusalCode(err error) (byte, bool) {
-	for rc, e := range map[byte]error{
-		RefusedBadProtocolVersion:    packets.ErrorRefusedBadProtocolVersion,
-		RefusedIdentifierRejected:    packets.ErrorRefusedIDRejected,
-		RefusedServerUnavailable:     packets.ErrorRefusedServerUnavailable,
-		RefusedBadUsernameOrPassword: packets.ErrorRefusedBadUsernameOrPassword,
-		RefusedNotAuthorized:         packets.ErrorRefusedNotAuthorised,
-	} {
-		if errors.Is(err, e) {
+	for rc := byte(RefusedBadProtocolVersion); rc <= RefusedNotAuthorized; rc++ {
+		if errors.Is(err, packets.ConnErrors[rc]) {
 			return rc, true
 		}
 	}
