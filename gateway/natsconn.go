@@ -86,6 +86,15 @@ func topicToSubject(topic string) (string, error) {
 	return strings.Join(levels, "."), nil
 }
 
+// NATSSubject is the subject nats-server's MQTT listener gives topic, a
+// topic of the layout; an error when the topic cannot be confined on NATS
+// (a level that is a wildcard token, an empty level, white space).
+func NATSSubject(topic string) (string, error) { return topicToSubject(topic) }
+
+// NATSUpSubject is the subject the gateways subscribe to on NATS: every
+// device's up topic.
+func NATSUpSubject(t mqtt.Topics) (string, error) { return natsUpSubject(t) }
+
 // subjectToTopic is topicToSubject's inverse: it refuses what no topic of
 // the layout maps to (empty levels, a '/' that is not part of "//",
 // wildcard tokens).
