@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -76,6 +77,7 @@ func freePort(t *testing.T) int {
 // listener on loopback.
 type natsNode struct {
 	s    *server.Server
+	conf string
 	nats string // nats://127.0.0.1:port
 	mqtt string // tcp://127.0.0.1:port
 }
@@ -91,9 +93,17 @@ func startNATS(t *testing.T, conf string) *natsNode {
 	if err := os.WriteFile(path, []byte(full), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	opts, err := server.ProcessConfigFile(path)
+	n := &natsNode{conf: path, nats: "nats://127.0.0.1:" + strconv.Itoa(np), mqtt: "tcp://127.0.0.1:" + strconv.Itoa(mp)}
+	n.start(t)
+	t.Cleanup(n.stop)
+	return n
+}
+
+func (n *natsNode) start(t *testing.T) {
+	t.Helper()
+	opts, err := server.ProcessConfigFile(n.conf)
 	if err != nil {
-		t.Fatalf("nats config: %v\n%s", err, full)
+		t.Fatalf("nats config: %v", err)
 	}
 	opts.NoSigs = true
 	s, err := server.NewServer(opts)
@@ -104,11 +114,18 @@ func startNATS(t *testing.T, conf string) *natsNode {
 		s.ConfigureLogger()
 	}
 	s.Start()
-	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
 	if !s.ReadyForConnections(10 * time.Second) {
 		t.Fatal("nats-server not ready within 10s")
 	}
-	return &natsNode{s: s, nats: "nats://127.0.0.1:" + strconv.Itoa(np), mqtt: "tcp://127.0.0.1:" + strconv.Itoa(mp)}
+	n.s = s
+}
+
+func (n *natsNode) stop() {
+	if n.s != nil {
+		n.s.Shutdown()
+		n.s.WaitForShutdown()
+		n.s = nil
+	}
 }
 
 // natsWorld is a gateway serving the devices of a NATS server.
@@ -333,5 +350,45 @@ func TestServeNATSQueueGroupSharesLogins(t *testing.T) {
 	defer mu.Unlock()
 	if diff := cmp.Diff(want, answers); diff != "" {
 		t.Errorf("answers per device (-want +got):\n%s", diff)
+	}
+}
+
+// waitFor polls cond until it holds or 15 s passed.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 15s for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// The gateway rides out its NATS server going away: the gauge says so, it
+// reconnects by itself when the server is back, and devices get answers
+// again; the session made before is still there.
+func TestServeNATSReconnects(t *testing.T) {
+	skipShort(t)
+	n := startNATS(t, "")
+	w := natsWorld(t, n, nil)
+	sig := w.sig("alice", time.Hour)
+	a := w.dial("alice", "inst-a", sig)
+	r := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig})
+	if r.Code != 0 {
+		t.Fatalf("login: %+v", r)
+	}
+	n.stop()
+	waitFor(t, "chatgw_broker_connected 0", func() bool { return strings.Contains(w.metrics(), "chatgw_broker_connected 0\n") })
+	n.start(t)
+	waitFor(t, "chatgw_broker_connected 1", func() bool { return strings.Contains(w.metrics(), "chatgw_broker_connected 1\n") })
+	a2 := w.dial("alice", "inst-a", sig)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	// The gateway's subscription is renewed on the reconnect; until then a
+	// request is resent.
+	res, err := a2.Request(ctx, mqtt.Message{Type: mqtt.TypeResume, Session: r.Session})
+	if err != nil || res.Code != 0 {
+		t.Fatalf("resume after the server came back: %+v %v", res, err)
 	}
 }

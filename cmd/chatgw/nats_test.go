@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/crypto/bcrypt"
 
 	"chatd/internal/proctest"
@@ -594,6 +595,50 @@ func TestNATSHostileDevices(t *testing.T) {
 	if m := f.metrics(); !strings.Contains(m, "chatgw_broker_connected 1\n") {
 		t.Errorf("the gateway is not connected:\n%s", m)
 	}
+	// A restarted gateway does not carry out mallory's retained login again
+	// (nats-server replays retained messages to MQTT subscriptions only).
+	before := f.sessions("mallory")
+	if code := f.gw.Stop(); code != 0 {
+		t.Errorf("chatgw exited %d on SIGTERM", code)
+	}
+	f.gw.Start()
+	proctest.Wait(t, 15*time.Second, "chatgw to be ready again", func() bool {
+		resp, err := http.Get("http://" + f.admin + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	time.Sleep(500 * time.Millisecond)
+	if after := f.sessions("mallory"); len(after) != 1 || len(before) != 1 || after[0].ID != before[0].ID {
+		t.Errorf("mallory's sessions before the restart %+v, after %+v", before, after)
+	}
+}
+
+// build/nats/accounts-example.conf is what nats-accounts writes, and
+// nats-server takes it.
+func TestNATSAccountsExample(t *testing.T) {
+	dir := t.TempDir()
+	b, err := os.ReadFile(filepath.Join("..", "..", "build", "nats", "accounts-example.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "accounts.conf"), b, 0o600)
+	main := filepath.Join(dir, "main.conf")
+	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
+	opts, err := server.ProcessConfigFile(main)
+	if err != nil {
+		t.Fatalf("nats-server refuses accounts-example.conf: %v", err)
+	}
+	var names []string
+	for _, u := range opts.Users {
+		names = append(names, u.Username)
+	}
+	slices.Sort(names)
+	if want := []string{"chatgw", "dev-41", "dev-42", "sys"}; !slices.Equal(names, want) {
+		t.Errorf("users %v, want %v", names, want)
+	}
 }
 
 // On NATS an MQTT client id is one namespace for the whole account: a
@@ -628,5 +673,93 @@ func TestNATSHostileClientIDTakeover(t *testing.T) {
 	defer cancel()
 	if _, err := b.Request(ctx, mqtt.Message{Type: mqtt.TypeResume, Session: session}); err != nil {
 		t.Errorf("a second resume: %v", err)
+	}
+}
+
+// The gateways' user can do with its key-value bucket what a shared state
+// needs (create it, read, write with compare-and-set, delete, watch, list)
+// and cannot touch the MQTT listener's streams or another bucket.
+func TestNATSAccountsGatewayKV(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts nats-server (skipped with -short)")
+	}
+	ns := startNATSServer(t, accountsFor(t, "alice alice-password\n"))
+	nc, err := nats.Connect(ns.nats, nats.UserInfo("chatgw", "gateway-secret"), nats.NoReconnect())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "chatgw", History: 1})
+	if err != nil {
+		t.Fatalf("creating the bucket: %v", err)
+	}
+	if _, err := js.KeyValue(ctx, "chatgw"); err != nil {
+		t.Fatalf("opening the bucket: %v", err)
+	}
+	w, err := kv.WatchAll(ctx)
+	if err != nil {
+		t.Fatalf("watch: %v", err)
+	}
+	defer w.Stop()
+	rev, err := kv.Create(ctx, "user.alice", []byte("v1"))
+	if err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if _, err := kv.Update(ctx, "user.alice", []byte("v2"), rev); err != nil {
+		t.Fatalf("compare-and-set: %v", err)
+	}
+	if _, err := kv.Update(ctx, "user.alice", []byte("v3"), rev); err == nil {
+		t.Error("a compare-and-set on a stale revision succeeded")
+	}
+	if e, err := kv.Get(ctx, "user.alice"); err != nil || string(e.Value()) != "v2" {
+		t.Fatalf("get: %v %v", e, err)
+	}
+	got := 0
+	for got < 2 {
+		select {
+		case e := <-w.Updates():
+			if e != nil {
+				got++
+			}
+		case <-ctx.Done():
+			t.Fatalf("the watch saw %d of 2 writes", got)
+		}
+	}
+	keys, err := kv.ListKeys(ctx)
+	if err != nil {
+		t.Fatalf("list: %v", err)
+	}
+	n := 0
+	for range keys.Keys() {
+		n++
+	}
+	if n != 1 {
+		t.Errorf("listed %d keys, want 1", n)
+	}
+	if err := kv.Delete(ctx, "user.alice"); err != nil {
+		t.Errorf("delete: %v", err)
+	}
+	// Nothing else of JetStream: not the MQTT listener's streams (which
+	// exist once a device has connected), nor another bucket.
+	dev := paho.NewClient(paho.NewClientOptions().AddBroker(ns.mqtt).SetClientID("inst-kv").SetUsername("alice").SetPassword("alice-password"))
+	if tok := dev.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("alice: %v", tok.Error())
+	}
+	defer dev.Disconnect(0)
+	short, cancel2 := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel2()
+	if _, err := js.CreateKeyValue(short, jetstream.KeyValueConfig{Bucket: "other"}); err == nil {
+		t.Error("the gateway's user created another bucket")
+	}
+	for _, name := range []string{"$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs"} {
+		if _, err := js.Stream(short, name); err == nil {
+			t.Errorf("the gateway's user read the stream %s", name)
+		}
 	}
 }
