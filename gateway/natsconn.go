@@ -354,6 +354,9 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		<-senderDone
 		<-readyDone
 		sub.Unsubscribe()
+		// What was decided goes out before the connection is left.
+		g.sendQueued()
+		nc.FlushTimeout(2 * time.Second)
 		if no.Conn != nil {
 			nc.SetDisconnectErrHandler(nil)
 			nc.SetReconnectHandler(nil)
@@ -378,7 +381,45 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	}
 	stop()
 	<-watchDone
+	if fatal == nil {
+		g.drainNATS(sub, q)
+	}
 	return fatal
+}
+
+// drainTimeout bounds the handling of what is queued at shutdown.
+const drainTimeout = 5 * time.Second
+
+// drainNATS leaves the queue group at shutdown so that the other gateways
+// get the devices' next messages, and handles what this gateway had
+// already received instead of dropping it (its devices would have to send
+// it again); the deferred end of ServeNATS then sends the answers.
+func (g *Gateway) drainNATS(sub *nats.Subscription, q *fairQueue[inbound]) {
+	deadline := time.Now().Add(drainTimeout)
+	if err := sub.Drain(); err == nil {
+		for sub.IsDraining() && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	n := 0
+	for time.Now().Before(deadline) {
+		var batch []inbound
+		for len(batch) < maxBatch {
+			m, ok := q.tryPop()
+			if !ok {
+				break
+			}
+			batch = append(batch, m)
+		}
+		if len(batch) == 0 {
+			break
+		}
+		g.HandleMessages(batch)
+		n += len(batch)
+	}
+	if n > 0 {
+		g.log.Info("left the queue group; handled the messages already received", "messages", n)
+	}
 }
 
 // refusesSub reports whether err is the server refusing a subscription to
