@@ -23,7 +23,7 @@ type ServeConfig struct {
 	NATS NATSOptions
 	// KVBucket and KVReplicas name the JetStream key-value bucket of the
 	// gateways' shared state on NATS, and its replicas (default
-	// DefaultKVBucket, DefaultKVReplicas).
+	// DefaultKVBucket, DefaultKVReplicas); see Run.
 	KVBucket   string
 	KVReplicas int
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
@@ -83,10 +83,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			defer nc.Close()
 			no.Conn = nc
 		}
-		// The shared state on NATS goes here: a store on the bucket
-		// cfg.KVBucket (cfg.KVReplicas) of no.Conn's JetStream, set as
-		// cfg.Options' store before New. Until then the gateway keeps its
-		// state in StatePath like a single gateway.
+		// The state store on the bucket cfg.KVBucket (cfg.KVReplicas) of
+		// no.Conn's JetStream belongs in cfg.Options here, before New;
+		// without one, each gateway keeps its own state in StatePath.
 	}
 	g, err := New(cfg.Options)
 	if err != nil {
