@@ -448,7 +448,7 @@ func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subj
 				}
 				g.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "subject", subject, "queue", queue)
 				g.subscribedOnce.Do(func() {
-					g.log.Info("gateway ready: subscribed to the device subjects", "subject", subject, "queue", queue)
+					g.log.Info("gateway ready: subscribed to the device topics", "filter", g.topics.UpFilter(), "subject", subject, "queue", queue)
 					close(g.subscribed)
 				})
 				return

@@ -300,6 +300,10 @@ func startNATSFleet(t *testing.T) *natsFleet {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
+	// docs/admin-api.md's readiness line, on NATS too.
+	proctest.Wait(t, 5*time.Second, "the readiness line in chatgw's log", func() bool {
+		return strings.Contains(gw.Log(), `msg="gateway ready: subscribed to the device topics" filter=chat/v1/up/+/+`)
+	})
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("chatgw log:\n%s", gw.Log())
