@@ -2,7 +2,14 @@ package gateway
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +22,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/google/go-cmp/cmp"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 
 	"chatd/mqtt"
 )
@@ -390,5 +398,72 @@ func TestServeNATSReconnects(t *testing.T) {
 	res, err := a2.Request(ctx, mqtt.Message{Type: mqtt.TypeResume, Session: r.Session})
 	if err != nil || res.Code != 0 {
 		t.Fatalf("resume after the server came back: %+v %v", res, err)
+	}
+}
+
+// writeTestPKI writes a CA and a certificate with key for 127.0.0.1 signed
+// by it, for the server and the client, into dir.
+func writeTestPKI(t *testing.T, dir string) (ca, cert, key string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cert, key = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for p, b := range map[string][]byte{
+		ca:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		cert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		key:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}),
+	} {
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ca, cert, key
+}
+
+// The gateway reaches a NATS server that requires TLS with a client
+// certificate, with the CA, certificate and key the CLI loads.
+func TestServeNATSTLS(t *testing.T) {
+	skipShort(t)
+	ca, cert, key := writeTestPKI(t, t.TempDir())
+	n := startNATS(t, fmt.Sprintf("tls { cert_file: %q, key_file: %q, ca_file: %q, verify: true }", cert, key, ca))
+	if nc, err := nats.Connect(strings.Replace(n.nats, "nats://", "tls://", 1), nats.RootCAs(ca), nats.NoReconnect()); err == nil {
+		nc.Close()
+		t.Fatal("the server took a client without a certificate: the test proves nothing")
+	}
+	tc, err := mqtt.LoadTLS(ca, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := natsWorld(t, n, func(c *ServeConfig) {
+		c.NATS = NATSOptions{URLs: []string{strings.Replace(n.nats, "nats://", "tls://", 1)}, TLS: tc}
+	})
+	sig := w.sig("alice", time.Hour)
+	a := w.dial("alice", "inst-a", sig)
+	if r := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}); r.Code != 0 {
+		t.Fatalf("login through a gateway on TLS: %+v", r)
 	}
 }
