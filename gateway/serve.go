@@ -17,6 +17,15 @@ type ServeConfig struct {
 	// host:port; otherwise Broker is used.
 	EmbeddedBroker string
 	Broker         BrokerOptions
+	// NATS, when its URLs are set, serves the devices of a NATS cluster
+	// (ServeNATS) instead of an MQTT broker; EmbeddedBroker and Broker.URL
+	// must then be empty.
+	NATS NATSOptions
+	// KVBucket and KVReplicas name the JetStream key-value bucket of the
+	// gateways' shared state on NATS, and its replicas (default
+	// DefaultKVBucket, DefaultKVReplicas); see Run.
+	KVBucket   string
+	KVReplicas int
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
 	Admin string
 	// RateLimit is the per-device message rate, at the embedded broker and
@@ -37,6 +46,13 @@ type ServeConfig struct {
 	Ready func(broker, admin net.Addr)
 }
 
+// DefaultKVBucket and DefaultKVReplicas are the shared state's bucket on
+// NATS when ServeConfig names none.
+const (
+	DefaultKVBucket   = "chatgw"
+	DefaultKVReplicas = 3
+)
+
 // Run serves until ctx ends. A nil return is a clean shutdown.
 func Run(ctx context.Context, cfg ServeConfig) error {
 	log := cfg.Logger
@@ -44,9 +60,33 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		log = slog.Default()
 		cfg.Logger = log
 	}
+	onNATS := len(cfg.NATS.URLs) > 0 || cfg.NATS.Conn != nil
+	if onNATS && (cfg.EmbeddedBroker != "" || cfg.Broker.URL != "") {
+		return errors.New("choose one of --nats, --broker and --embedded-broker")
+	}
 	// With the embedded broker, every device connection ended with the
 	// previous run.
 	cfg.NoSurvivors = cfg.EmbeddedBroker != ""
+	no := cfg.NATS
+	if onNATS {
+		if no.RateLimit == (RateLimit{}) {
+			no.RateLimit = cfg.RateLimit
+		}
+		if no.Queue == "" {
+			no.Queue = DefaultNATSQueue
+		}
+		if no.Conn == nil {
+			nc, err := DialNATS(no)
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			no.Conn = nc
+		}
+		// The state store on the bucket cfg.KVBucket (cfg.KVReplicas) of
+		// no.Conn's JetStream belongs in cfg.Options here, before New;
+		// without one, each gateway keeps its own state in StatePath.
+	}
 	g, err := New(cfg.Options)
 	if err != nil {
 		return err
@@ -58,7 +98,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		bo.RateLimit = cfg.RateLimit
 	}
 	var brokerAddr net.Addr
-	if cfg.EmbeddedBroker != "" {
+	if onNATS {
+		log.Info("serving devices on NATS", "servers", no.Conn.Servers(), "queue", no.Queue)
+	} else if cfg.EmbeddedBroker != "" {
 		emb, err := StartEmbedded(EmbeddedOptions{
 			Addr: cfg.EmbeddedBroker, Topics: g.topics, SDKAppID: cfg.SDKAppID, Key: cfg.Key, Now: g.now, Logger: log,
 			RateLimit: cfg.RateLimit, MaxExpiredAge: cfg.MaxExpiredAge, stats: g.stats,
@@ -100,7 +142,11 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		cfg.Started(g)
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- g.Serve(ctx, bo) }()
+	if onNATS {
+		go func() { serveErr <- g.ServeNATS(ctx, no) }()
+	} else {
+		go func() { serveErr <- g.Serve(ctx, bo) }()
+	}
 	if cfg.Ready != nil {
 		// Ready means devices get answers: wait for the subscription.
 		select {
