@@ -38,6 +38,7 @@ Usage:
   chatgw usersig gen --sdkappid N --key-file F --user U [--expire SECONDS] [--userbuf TEXT]
   chatgw usersig verify --sdkappid N --key-file F --user U SIG
   chatgw usersig decode SIG
+  chatgw mosquitto-dynsec --fleet F --gateway-client-id ID --gateway-password-file F [--out FILE]
   chatgw --version
 `
 
@@ -55,6 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	case "serve":
 		return serve(ctx, args[1:], stderr)
+	case "mosquitto-dynsec":
+		return mosquittoDynsec(args[1:], stdout, stderr)
 	case "usersig":
 		if len(args) < 2 {
 			return usageErr("usersig needs a subcommand: gen, verify or decode")
