@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -23,6 +25,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"chatd/internal/proctest"
 	"chatd/mqtt"
 	"chatd/mqtt/mosquittotest"
 	"chatd/usersig"
@@ -726,5 +729,91 @@ func TestHostileInventedInstances(t *testing.T) {
 		if got < atLeast {
 			t.Errorf("evicted %s = %d, want at least %d:\n%s", kind, got, atLeast, grep(m, "evicted"))
 		}
+	}
+}
+
+// dynsecGatewayID is the gateway's client id in the dynamic-security tests,
+// bound to its account.
+const dynsecGatewayID = "chatgw-dynsec-0123456789abcdef"
+
+// dynsecClientIDs binds each device account of mosqUsers to a client id.
+func dynsecClientIDs() map[string]string {
+	ids := map[string]string{"alice": "inst-a", "bob": "inst-b", "flooder": "f-1"}
+	for i := range 150 {
+		ids[fmt.Sprintf("honest%d", i)] = fmt.Sprintf("h-%d", i)
+	}
+	return ids
+}
+
+// startDynsecWorld is a gateway on a real Mosquitto with the
+// dynamic-security file that the real `chatgw mosquitto-dynsec` writes for
+// mosqUsers, every account bound to its client id.
+func startDynsecWorld(t *testing.T) *mosqWorld {
+	t.Helper()
+	mosquittotest.DynsecPlugin(t) // skips before building anything if missing
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "chatgw")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/chatgw")
+	build.Dir = proctest.ModuleRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building chatgw: %v\n%s", err, out)
+	}
+	var fleet strings.Builder
+	for user, id := range dynsecClientIDs() {
+		fmt.Fprintf(&fleet, "%s %s %s\n", user, id, mosqUsers[user])
+	}
+	fleetPath, gwPass, out := filepath.Join(dir, "fleet"), filepath.Join(dir, "gw.pass"), filepath.Join(dir, "dynsec.json")
+	os.WriteFile(fleetPath, []byte(fleet.String()), 0o600)
+	os.WriteFile(gwPass, []byte(mosqUsers["chatgw"]), 0o600)
+	if msg, err := exec.Command(bin, "mosquitto-dynsec", "--fleet", fleetPath, "--gateway-client-id", dynsecGatewayID,
+		"--gateway-password-file", gwPass, "--out", out).CombinedOutput(); err != nil {
+		t.Fatalf("chatgw mosquitto-dynsec: %v\n%s", err, msg)
+	}
+	b := mosquittotest.Start(t, mosquittotest.Config{Shipped: true, Dynsec: out})
+	w := startWorld(t, func(c *ServeConfig) {
+		c.EmbeddedBroker = ""
+		c.Broker = BrokerOptions{URL: b.URL(), ClientID: dynsecGatewayID, Username: "chatgw", Password: mosqUsers["chatgw"]}
+	})
+	w.broker = b.URL()
+	return &mosqWorld{w, b}
+}
+
+// With the dynamic-security file, no device account takes over another
+// account's client id or the gateway's: the CONNECT is refused, the holder
+// stays connected, and the victim stays logged in with its session.
+func TestHostileClientIDTakeoverMosquittoDynsec(t *testing.T) {
+	w := startDynsecWorld(t)
+	a := w.dial("alice", "inst-a")
+	res := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("alice", time.Hour)})
+	if res.Code != 0 {
+		t.Fatalf("alice's login with her bound id: %+v", res)
+	}
+	for _, tc := range []struct{ name, user, id string }{
+		{"bob as alice's client id", "bob", "inst-a"},
+		{"bob as the gateway's client id", "bob", dynsecGatewayID},
+		{"alice's own account as the gateway's client id", "alice", dynsecGatewayID},
+		{"bob as the old default gateway id", "bob", "chatgw"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			att := startAttacker(t, w.b.Host(), w.b.Port(), tc.user, mosqUsers[tc.user], tc.id)
+			if ok, out := att.refused(); !ok {
+				t.Errorf("%s connected as %s", tc.user, tc.id)
+				att.die()
+			} else if !strings.Contains(out, "not authorised") {
+				t.Errorf("refused with %q, want not authorised", out)
+			}
+		})
+	}
+	if n := strings.Count(w.b.Log(), "already connected, closing old connection"); n > 0 {
+		t.Errorf("the broker closed a connection for a reused client id %d times", n)
+	}
+	if m := w.metrics(); !strings.Contains(m, "chatgw_broker_connected 1\n") {
+		t.Errorf("gateway not connected:\n%s", grep(m, "broker_connected"))
+	}
+	victimIntact(t, w.world, a, res.Session)
+	// A device with its own bound id logs in end to end.
+	b := w.dial("bob", "inst-b")
+	if r := request(t, b, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("bob", time.Hour)}); r.Code != 0 {
+		t.Errorf("bob's login with his bound id: %+v", r)
 	}
 }
