@@ -170,6 +170,16 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 		}
 		cfg.MaxExpiredAge = d
 	}
+	if fc.DynsecFloodBan != "" {
+		d, err := time.ParseDuration(fc.DynsecFloodBan)
+		if err != nil || d <= 0 {
+			return cfg, fmt.Errorf("dynsec_flood_ban %q: use a positive duration such as 1m", fc.DynsecFloodBan)
+		}
+		if fc.EmbeddedBroker != "" {
+			return cfg, errors.New("dynsec_flood_ban applies to Mosquitto with the dynamic-security plugin: the embedded broker cuts off flooding devices itself")
+		}
+		cfg.Broker.FloodBan = &gateway.FloodBan{Duration: d}
+	}
 	if fc.BrokerClientID != "" {
 		if fc.EmbeddedBroker != "" {
 			return cfg, errors.New("broker_client_id applies to an external broker only: on the embedded broker the gateway's connection is in-process and cannot be claimed")

@@ -90,6 +90,8 @@ type dynsecConfig struct {
 	devices []dynsecAccount
 	gateway dynsecAccount
 	admin   *dynsecAccount
+	// gatewayBans lets the gateway use the plugin's control API (FloodBan).
+	gatewayBans bool
 }
 
 func mosquittoDynsec(args []string, stdout, stderr io.Writer) error {
@@ -104,6 +106,7 @@ func mosquittoDynsec(args []string, stdout, stderr io.Writer) error {
 	adUser := fs.String("admin-username", "", "an administrator for mosquitto_ctrl (optional)")
 	adID := fs.String("admin-client-id", "", "the client `id` the administrator is bound to (mosquitto_ctrl -i)")
 	adPass := fs.String("admin-password-file", "", "`file` holding the administrator's password")
+	ban := fs.Bool("gateway-ban-floods", false, "let the gateway disable and enable accounts through the plugin (chatgw's dynsec_flood_ban); this gives its account the plugin's whole control API")
 	out := fs.String("out", "", "write to this `file` (mode 0600, replaced atomically) instead of standard output")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -114,7 +117,7 @@ func mosquittoDynsec(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return usageErr("mosquitto-dynsec takes no arguments, got %q", fs.Args())
 	}
-	cfg := dynsecConfig{prefix: *prefix}
+	cfg := dynsecConfig{prefix: *prefix, gatewayBans: *ban}
 	if *fleet == "" || *gwID == "" || *gwPass == "" {
 		return usageErr("mosquitto-dynsec needs --fleet, --gateway-client-id and --gateway-password-file")
 	}
@@ -251,14 +254,22 @@ func buildDynsec(cfg dynsecConfig) (dynsecFile, error) {
 	if err := claim("the gateway", gw); err != nil {
 		return file, err
 	}
-	up, down := topics.Up("+", "+"), topics.Down("+", "+")
-	upAll, downAll := strings.TrimSuffix(up, "+/+")+"#", strings.TrimSuffix(down, "+/+")+"#"
-	if err := add(gw, "chatgw login gateway", dynsecRole{Rolename: "chatgw-gateway", ACLs: []dynsecACL{
+	upAll := strings.TrimSuffix(topics.Up("+", "+"), "+/+") + "#"
+	downAll := strings.TrimSuffix(topics.Down("+", "+"), "+/+") + "#"
+	gwACLs := []dynsecACL{
 		// Exactly the filter chatgw subscribes to.
 		{"subscribeLiteral", topics.UpFilter(), true},
 		{"publishClientReceive", upAll, true},
 		{"publishClientSend", downAll, true},
-	}}); err != nil {
+	}
+	if cfg.gatewayBans {
+		const ctl = "$CONTROL/dynamic-security/v1"
+		gwACLs = append(gwACLs,
+			dynsecACL{"publishClientSend", ctl, true},
+			dynsecACL{"subscribeLiteral", ctl + "/response", true},
+			dynsecACL{"publishClientReceive", ctl + "/response", true})
+	}
+	if err := add(gw, "chatgw login gateway", dynsecRole{Rolename: "chatgw-gateway", ACLs: gwACLs}); err != nil {
 		return file, err
 	}
 
