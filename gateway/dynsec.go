@@ -48,10 +48,13 @@ type banner struct {
 	log   *slog.Logger
 	stats *stats
 
-	mu      sync.Mutex
-	c       paho.Client
+	mu sync.Mutex
+	// publish sends a batch of commands; nil or false while there is no
+	// broker connection to send it on.
+	publish func(payload []byte) bool
 	windows map[string]*dropWindow // username -> drops in its current window
 	banned  map[string]time.Time   // username -> when its ban ends
+	listed  bool                   // the plugin answered a listClients
 }
 
 type dropWindow struct {
@@ -80,36 +83,50 @@ type dynsecCommand struct {
 	Verbose  bool    `json:"verbose,omitempty"`
 }
 
-func (b *banner) send(cmds ...dynsecCommand) {
+func (b *banner) send(cmds ...dynsecCommand) bool {
 	payload, _ := json.Marshal(struct {
 		Commands []dynsecCommand `json:"commands"`
 	}{cmds})
-	c := b.c
-	if c == nil || !c.IsConnectionOpen() {
-		return
-	}
-	// Never wait here: this runs in paho's message handler.
-	t := c.Publish(dynsecControl, 1, false, payload)
-	go func() {
-		if t.WaitTimeout(10*time.Second) && t.Error() != nil {
-			b.log.Error("sending a dynamic-security command failed", "command", cmds[0].Command, "user", cmds[0].Username, "err", t.Error())
+	return b.publish != nil && b.publish(payload)
+}
+
+// pahoPublish publishes commands on c without waiting (it runs in paho's
+// message handler); a failure is logged when it is known.
+func (b *banner) pahoPublish(c paho.Client) func([]byte) bool {
+	return func(payload []byte) bool {
+		if !c.IsConnectionOpen() {
+			return false
 		}
-	}()
+		t := c.Publish(dynsecControl, 1, false, payload)
+		go func() {
+			if t.WaitTimeout(10*time.Second) && t.Error() != nil {
+				b.log.Error("sending a dynamic-security command failed", "err", t.Error())
+			}
+		}()
+		return true
+	}
 }
 
 // connected subscribes c to the plugin's answers and asks for the accounts,
 // to find bans an earlier run left.
 func (b *banner) connected(c paho.Client) {
 	b.mu.Lock()
-	b.c = c
+	b.publish = b.pahoPublish(c)
 	b.mu.Unlock()
 	if t := c.Subscribe(dynsecResponse, 1, b.handle); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
 		b.log.Error("subscribing to the dynamic-security answers failed: flooding devices are not cut off", "err", t.Error())
 		return
 	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	b.send(dynsecCommand{Command: "listClients", Verbose: true})
+	b.mu.Unlock()
+	time.AfterFunc(10*time.Second, func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if !b.listed && c.IsConnectionOpen() {
+			b.log.Error("no answer from the dynamic-security plugin within 10 s: flooding devices are not cut off; load the plugin, and give the gateway's account its control topic (chatgw mosquitto-dynsec --gateway-ban-floods)")
+		}
+	})
 }
 
 // dropped records a message of user's dropped over the rate, and disables
@@ -133,10 +150,12 @@ func (b *banner) dropped(user string, now time.Time) {
 	until := now.Add(b.opts.Duration)
 	b.banned[user] = until
 	mark := banMark + until.UTC().Format(time.RFC3339)
-	b.send(dynsecCommand{Command: "modifyClient", Username: user, TextName: &mark},
-		dynsecCommand{Command: "disableClient", Username: user})
-	b.stats.bans.With(banDisabled).Add(1)
-	b.log.Warn("disabled the broker account of a flooding device", "user", user,
+	if !b.send(dynsecCommand{Command: "modifyClient", Username: user, TextName: &mark},
+		dynsecCommand{Command: "disableClient", Username: user}) {
+		delete(b.banned, user) // not connected: its next drops try again
+		return
+	}
+	b.log.Warn("disabling the broker account of a flooding device", "user", user,
 		"dropped", b.opts.Drops, "within", b.opts.Window, "until", until.UTC().Format(time.RFC3339))
 }
 
@@ -144,19 +163,17 @@ func (b *banner) dropped(user string, now time.Time) {
 func (b *banner) tick(now time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.c == nil || !b.c.IsConnectionOpen() {
-		return // the next connect lists the accounts again
-	}
 	for user, until := range b.banned {
 		if now.Before(until) {
 			continue
 		}
-		delete(b.banned, user)
 		empty := ""
-		b.send(dynsecCommand{Command: "enableClient", Username: user},
-			dynsecCommand{Command: "modifyClient", Username: user, TextName: &empty})
-		b.stats.bans.With(banEnabled).Add(1)
-		b.log.Info("enabled the broker account of a device after its flood ban", "user", user)
+		if !b.send(dynsecCommand{Command: "enableClient", Username: user},
+			dynsecCommand{Command: "modifyClient", Username: user, TextName: &empty}) {
+			return // not connected: the next tick tries again
+		}
+		delete(b.banned, user)
+		b.log.Info("enabling the broker account of a device after its flood ban", "user", user)
 	}
 	for user, w := range b.windows {
 		if now.Sub(w.since) > b.opts.Window {
@@ -196,7 +213,16 @@ func (b *banner) handle(_ paho.Client, m paho.Message) {
 			b.log.Error("the dynamic-security plugin refused a command", "command", r.Command, "error", r.Error)
 			continue
 		}
-		if r.Command != "listClients" {
+		switch r.Command {
+		case "disableClient":
+			b.stats.bans.With(banDisabled).Add(1)
+			continue
+		case "enableClient":
+			b.stats.bans.With(banEnabled).Add(1)
+			continue
+		case "listClients":
+			b.listed = true
+		default:
 			continue
 		}
 		for _, c := range r.Data.Clients {
