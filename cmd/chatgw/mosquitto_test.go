@@ -280,3 +280,48 @@ func TestMosquittoDynsecCommand(t *testing.T) {
 		t.Errorf("a missing fleet file: exit %d, want %d", code, exitConfig)
 	}
 }
+
+// Why every device has a role of its own: Mosquitto 2.0's plugin takes %u
+// and %c in its topics literally, so one shared role with the ACL
+// template's patterns would grant nothing.
+func TestMosquittoDynsecNoPatterns(t *testing.T) {
+	path := dynsecFixture(t, testFleet)
+	raw, _ := os.ReadFile(path)
+	var f dynsecFile
+	if err := json.Unmarshal(raw, &f); err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range f.Roles {
+		if r.Rolename == "chatd-device:alice" {
+			f.Roles[i].ACLs = []dynsecACL{
+				{"publishClientSend", "chat/v1/up/%u/%c", true},
+				{"subscribeLiteral", "chat/v1/down/%u/%c", true},
+				{"publishClientReceive", "chat/v1/down/%u/%c", true},
+			}
+		}
+	}
+	patterned, _ := json.Marshal(f)
+	os.WriteFile(path, patterned, 0o600)
+	b := mosquittotest.Start(t, mosquittotest.Config{Shipped: true, Dynsec: path})
+	gw, err := connect(t, b, "chatgw", testGatewayID, "gw-secret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gwGot := receiver(t, gw, "chat/v1/up/+/+")
+	alice, err := connect(t, b, "alice", "inst-a", "alice-pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	aliceGot := receiver(t, alice, "chat/v1/down/alice/inst-a")
+	publish(t, alice, "chat/v1/up/alice/inst-a", "login")
+	expectNothing(t, gwGot, "a publish allowed only by a %u/%c pattern")
+	publish(t, gw, "chat/v1/down/alice/inst-a", "result")
+	expectNothing(t, aliceGot, "a subscription allowed only by a %u/%c pattern")
+	// The control: bob's role spells his topics out, and they work.
+	bob, err := connect(t, b, "bob", "inst-b", "bob-pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish(t, bob, "chat/v1/up/bob/inst-b", "login")
+	expect(t, gwGot, "chat/v1/up/bob/inst-b login")
+}
