@@ -325,3 +325,40 @@ func TestMosquittoDynsecNoPatterns(t *testing.T) {
 	publish(t, bob, "chat/v1/up/bob/inst-b", "login")
 	expect(t, gwGot, "chat/v1/up/bob/inst-b login")
 }
+
+func TestServeDynsecFloodBanOption(t *testing.T) {
+	key := writeFile(t, "key", testKeyText)
+	base := fileConfig{SDKAppID: appID, KeyFile: key, Broker: "tcp://127.0.0.1:1883"}
+	for _, tc := range []struct {
+		name, ban, embedded string
+		want                time.Duration
+		err                 string
+	}{
+		{"off", "", "", 0, ""},
+		{"a minute", "1m", "", time.Minute, ""},
+		{"not a duration", "soon", "", 0, "use a positive duration"},
+		{"negative", "-1m", "", 0, "use a positive duration"},
+		{"on the embedded broker", "1m", "127.0.0.1:0", 0, "the embedded broker cuts off flooding devices itself"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fc := base
+			fc.DynsecFloodBan = tc.ban
+			if tc.embedded != "" {
+				fc.Broker, fc.EmbeddedBroker = "", tc.embedded
+			}
+			cfg, err := buildServeConfig(fc)
+			switch {
+			case tc.err != "":
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Errorf("error %v, want one saying %q", err, tc.err)
+				}
+			case err != nil:
+				t.Errorf("error %v", err)
+			case tc.want == 0 && cfg.Broker.FloodBan != nil:
+				t.Errorf("flood ban %+v, want off", cfg.Broker.FloodBan)
+			case tc.want != 0 && (cfg.Broker.FloodBan == nil || cfg.Broker.FloodBan.Duration != tc.want):
+				t.Errorf("flood ban %+v, want %s", cfg.Broker.FloodBan, tc.want)
+			}
+		})
+	}
+}
