@@ -112,6 +112,7 @@ func (b *banner) pahoPublish(c paho.Client) func([]byte) bool {
 func (b *banner) connected(c paho.Client) {
 	b.mu.Lock()
 	b.publish = b.pahoPublish(c)
+	b.listed = false
 	b.mu.Unlock()
 	if t := c.Subscribe(dynsecResponse, 1, b.handle); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
 		b.log.Error("subscribing to the dynamic-security answers failed: flooding devices are not cut off", "err", t.Error())
