@@ -31,6 +31,7 @@ type stats struct {
 	refused      *counterVec // the embedded broker's refused connections
 	throttled    *counterVec // the rate limits' dropped messages, by where
 	disconnects  *counterVec // clients the embedded broker cut off
+	bans         *counterVec // Mosquitto accounts disabled for flooding, and enabled again
 	gauges       []gauge
 
 	mu       sync.Mutex
@@ -155,7 +156,9 @@ func newStats(now func() time.Time, sessions func() (active, online int)) *stats
 		throttled: newCounterVec("chatgw_rate_limited_total", "Device messages over the per-device rate, by where they were dropped.", "where",
 			"broker", "gateway"),
 		disconnects: newCounterVec("chatgw_broker_disconnects_total", "Clients the embedded broker disconnected, by reason.", "reason", "flood"),
-		dauUsers:    map[string]bool{},
+		bans: newCounterVec("chatgw_flood_bans_total", "Device accounts the gateway disabled for flooding and enabled again through Mosquitto's dynamic-security plugin, and commands the plugin refused.", "action",
+			banDisabled, banEnabled, banError),
+		dauUsers: map[string]bool{},
 	}
 	st.gauges = []gauge{
 		{"chatgw_sessions_active", "Sessions logged in (online or not).", func() float64 { a, _ := sessions(); return float64(a) }},
@@ -199,6 +202,7 @@ func (st *stats) write(w io.Writer) {
 	st.throttled.write(w)
 	st.refused.write(w)
 	st.disconnects.write(w)
+	st.bans.write(w)
 	for _, g := range st.gauges {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %s\n", g.name, g.help, g.name, g.name, strconv.FormatFloat(g.value(), 'g', -1, 64))
 	}

@@ -40,6 +40,7 @@ Usage:
   chatgw usersig decode SIG
   chatgw nats-accounts --devices FILE --gateway-password-file FILE [flags]
                                        write the accounts of a fleet on NATS
+  chatgw mosquitto-dynsec --fleet F --gateway-client-id ID --gateway-password-file F [--out FILE]
   chatgw --version
 `
 
@@ -59,6 +60,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return serve(ctx, args[1:], stderr)
 	case "nats-accounts":
 		return natsAccounts(args[1:], stdout, stderr)
+	case "mosquitto-dynsec":
+		return mosquittoDynsec(args[1:], stdout, stderr)
 	case "usersig":
 		if len(args) < 2 {
 			return usageErr("usersig needs a subcommand: gen, verify or decode")
@@ -170,6 +173,16 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 			return cfg, errors.New("expired_usersig_grace applies to the embedded broker only: on an external broker the broker's own accounts decide who connects")
 		}
 		cfg.MaxExpiredAge = d
+	}
+	if fc.DynsecFloodBan != "" {
+		d, err := time.ParseDuration(fc.DynsecFloodBan)
+		if err != nil || d <= 0 {
+			return cfg, fmt.Errorf("dynsec_flood_ban %q: use a positive duration such as 1m", fc.DynsecFloodBan)
+		}
+		if fc.EmbeddedBroker != "" {
+			return cfg, errors.New("dynsec_flood_ban applies to Mosquitto with the dynamic-security plugin: the embedded broker cuts off flooding devices itself")
+		}
+		cfg.Broker.FloodBan = &gateway.FloodBan{Duration: d}
 	}
 	if fc.BrokerClientID != "" {
 		if fc.EmbeddedBroker != "" {

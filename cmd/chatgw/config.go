@@ -56,6 +56,9 @@ type fileConfig struct {
 	// How long after its expiry a UserSig still gets a device onto the
 	// embedded broker (a Go duration, default 24h).
 	ExpiredUserSigGrace string `toml:"expired_usersig_grace"`
+	// How long a flooding device's account stays disabled through
+	// Mosquitto's dynamic-security plugin (a Go duration; empty: never).
+	DynsecFloodBan string `toml:"dynsec_flood_ban"`
 }
 
 // option is one setting of `chatgw serve`: the TOML key KEY is the flag
@@ -135,6 +138,7 @@ var options = []option{
 		return nil
 	}},
 	{"expired_usersig_grace", "DURATION", "embedded broker only: how long after its expiry a UserSig still connects, so the device hears 70001 (default 24h)", str(func(fc *fileConfig) *string { return &fc.ExpiredUserSigGrace })},
+	{"dynsec_flood_ban", "DURATION", "Mosquitto with the dynamic-security plugin: disable a flooding device's account for this long (default: off)", str(func(fc *fileConfig) *string { return &fc.DynsecFloodBan })},
 }
 
 func (o option) flag() string { return strings.ReplaceAll(o.key, "_", "-") }
