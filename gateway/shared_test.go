@@ -1,0 +1,572 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"chatd/codes"
+	"chatd/mqtt"
+	"chatd/usersig"
+)
+
+// syncRecording is a publisher for gateways that run at once: it records
+// "user/instance message" pairs.
+type syncRecording struct {
+	mu   sync.Mutex
+	outs []Outbound
+}
+
+func (p *syncRecording) Publish(topic string, _ byte, payload []byte) error {
+	m, err := mqtt.Decode(payload)
+	if err != nil {
+		return err
+	}
+	user, instance, _ := strings.Cut(strings.TrimPrefix(topic, "chat/v1/down/"), "/")
+	p.mu.Lock()
+	p.outs = append(p.outs, Outbound{UserID: user, Instance: instance, Msg: m})
+	p.mu.Unlock()
+	return nil
+}
+
+// take returns what was sent since the last take.
+func (p *syncRecording) take() []Outbound {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := p.outs
+	p.outs = nil
+	return out
+}
+
+// gwFleet is gateways sharing one store, with one fake clock.
+type gwFleet struct {
+	t   *testing.T
+	st  StateStore
+	cfg Config
+	gs  []*Gateway
+	pub []*syncRecording
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newGWFleet(t *testing.T, st StateStore, n int, cfg Config) *gwFleet {
+	t.Helper()
+	f := &gwFleet{t: t, st: st, cfg: cfg, now: t0}
+	for i := range n {
+		var ids atomic.Int64
+		g, err := New(Options{Config: cfg, Store: st, Now: f.clock,
+			NewID: func() string { return fmt.Sprintf("g%d-%d", i, ids.Add(1)) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.Close() })
+		p := &syncRecording{}
+		g.SetPublisher(p)
+		f.gs = append(f.gs, g)
+		f.pub = append(f.pub, p)
+	}
+	return f
+}
+
+func (f *gwFleet) clock() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.now
+}
+
+func (f *gwFleet) advance(d time.Duration) {
+	f.mu.Lock()
+	f.now = f.now.Add(d)
+	f.mu.Unlock()
+}
+
+// sent returns what every gateway sent since the last call.
+func (f *gwFleet) sent() []Outbound {
+	var out []Outbound
+	for i, g := range f.gs {
+		g.sendQueued()
+		out = append(out, f.pub[i].take()...)
+	}
+	return out
+}
+
+func (f *gwFleet) conflicts() uint64 {
+	var n uint64
+	for _, g := range f.gs {
+		n += g.stats.conflicts.Load()
+	}
+	return n
+}
+
+// settle waits until every gateway's cache holds the store's record of
+// user.
+func (f *gwFleet) settle(user string) {
+	f.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		sr, err := f.st.Get(context.Background(), user)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		ok := true
+		for _, g := range f.gs {
+			g.mu.Lock()
+			rev := g.revs[user]
+			g.mu.Unlock()
+			if rev != sr.Revision {
+				ok = false
+			}
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("the gateways' caches did not reach revision %d of %s", sr.Revision, user)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// event is one thing that happens to a user: a device message or an
+// admin kick.
+type event struct {
+	kind     string // login, logout, resume, offline, kick
+	instance string
+	platform string
+	session  string
+	id       string
+	sig      string
+}
+
+func (ev event) msg(user string) mqtt.Message {
+	switch ev.kind {
+	case "login":
+		return mqtt.Message{Type: mqtt.TypeLogin, ID: ev.id, UserSig: ev.sig, Platform: ev.platform}
+	case "logout":
+		return mqtt.Message{Type: mqtt.TypeLogout, ID: ev.id, Session: ev.session}
+	case "resume":
+		return mqtt.Message{Type: mqtt.TypeResume, ID: ev.id, Session: ev.session}
+	default:
+		return mqtt.Message{Type: mqtt.TypeOffline, Session: ev.session}
+	}
+}
+
+// on carries out ev on gateway g.
+func (ev event) on(t *testing.T, g *Gateway, user string) {
+	if ev.kind == "kick" {
+		if _, _, err := g.Kick(user); err != nil {
+			t.Errorf("kick: %v", err)
+		}
+		return
+	}
+	g.HandleMessage("chat/v1/up/"+user+"/"+ev.instance, mqtt.Encode(ev.msg(user)))
+}
+
+// onEngine carries out ev on a reference engine.
+func (ev event) onEngine(e *engine, now time.Time, user string) []Outbound {
+	if ev.kind == "kick" {
+		out, _ := e.Kick(now, user)
+		return out
+	}
+	return e.Handle(now, user, ev.instance, ev.msg(user))
+}
+
+var testPlatforms = []string{"Linux", "Android", "Web", "Windows"}
+
+// describe turns outbounds into comparable lines: session ids, which
+// differ between gateways and the reference, become what the final record
+// says about the session.
+func describe(out []Outbound, rec *UserRecord, user string) []string {
+	byID := map[string]string{}
+	if rec != nil {
+		for _, s := range rec.Sessions {
+			byID[s.ID] = fmt.Sprintf("%s/%s/%s", s.Instance, s.Platform, s.EndReason)
+		}
+	}
+	var lines []string
+	for _, o := range out {
+		if o.UserID != user {
+			continue
+		}
+		sess := o.Msg.Session
+		if d, ok := byID[sess]; ok {
+			sess = d
+		} else if sess != "" {
+			sess = "?"
+		}
+		lines = append(lines, fmt.Sprintf("%s %s id=%s %s code=%d %s", o.Instance, o.Msg.Type, o.Msg.ID, sess, o.Msg.Code, o.Msg.Reason))
+	}
+	slices.Sort(lines)
+	return lines
+}
+
+// shape is a record without its session ids and login times.
+func shape(rec *UserRecord) []string {
+	if rec == nil {
+		return nil
+	}
+	var lines []string
+	for _, s := range rec.Sessions {
+		lines = append(lines, fmt.Sprintf("session %s/%s online=%v ended=%q by=%q", s.Instance, s.Platform, s.Online, s.EndReason, s.KickedBy))
+	}
+	for inst := range rec.KickedOffline {
+		lines = append(lines, "kicked offline "+inst)
+	}
+	if rec.RevokedAt != 0 {
+		lines = append(lines, fmt.Sprint("revoked ", rec.RevokedAt))
+	}
+	slices.Sort(lines)
+	return lines
+}
+
+// Two gateways on one store, each handling one event of the same user at
+// the same moment (logins of two instances, a logout or a resume during a
+// login, a revocation racing a login), end exactly where one gateway
+// handling the two events one after the other would: the same record, the
+// same answers and kicks, in one of the two orders. Many rounds, seeded.
+func TestFleetDecidesLikeOneGateway(t *testing.T) {
+	t.Run("memory", func(t *testing.T) { testFleetLikeOne(t, NewMemoryStore(), 300) })
+	if testing.Short() {
+		t.Skip("the key-value store under -short")
+	}
+	t.Run("kv", func(t *testing.T) {
+		js := jsConnect(t, startNATS(t, t.TempDir()))
+		st, err := OpenKV(context.Background(), js, KVOptions{Bucket: "race"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		testFleetLikeOne(t, st, 100)
+	})
+}
+
+func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 9))
+	cfg := Config{SDKAppID: testAppID, Key: testKey, Instances: Instances{"Linux": 2, "Android": 1, "Web": 2, "Windows": 1}}
+	cfg.setDefaults()
+	f := newGWFleet(t, st, 2, cfg)
+	req := 0
+	newEvent := func(user string, sessions []Session) event {
+		req++
+		ev := event{id: fmt.Sprint("r", req), instance: fmt.Sprint("i", rng.IntN(3))}
+		kinds := []string{"login", "login", "login", "kick"}
+		if len(sessions) > 0 {
+			kinds = append(kinds, "logout", "resume", "offline")
+		}
+		ev.kind = kinds[rng.IntN(len(kinds))]
+		switch ev.kind {
+		case "login":
+			ev.platform = testPlatforms[rng.IntN(len(testPlatforms))]
+			// Issued before any kick of this round, so that the order
+			// of a kick and a login decides.
+			sig, err := usersig.Generate(testAppID, testKey, user, 24*time.Hour, f.clock().Add(-10*time.Second))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ev.sig = sig
+		case "logout", "resume", "offline":
+			s := sessions[rng.IntN(len(sessions))]
+			ev.session, ev.instance = s.ID, s.Instance
+		}
+		return ev
+	}
+	for round := range rounds {
+		user := fmt.Sprintf("u%d", round%20)
+		f.advance(time.Minute)
+		// Some history, through either gateway.
+		for range rng.IntN(3) {
+			sr, _ := st.Get(context.Background(), user)
+			var ss []Session
+			if sr.Record != nil {
+				ss = sr.Record.Sessions
+			}
+			ev := newEvent(user, ss)
+			ev.on(t, f.gs[rng.IntN(2)], user)
+		}
+		if rng.IntN(2) == 0 {
+			f.settle(user) // else the second gateway may not have seen it
+		}
+		f.sent()
+		init, err := st.Get(context.Background(), user)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ss []Session
+		if init.Record != nil {
+			ss = init.Record.Sessions
+		}
+		evs := []event{newEvent(user, ss), newEvent(user, ss)}
+		var wg sync.WaitGroup
+		for i, ev := range evs {
+			wg.Go(func() { ev.on(t, f.gs[i], user) })
+		}
+		wg.Wait()
+		got := f.sent()
+		final, err := st.Get(context.Background(), user)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		// The reference: one engine, in either order.
+		var tries []string
+		ok := false
+		for _, order := range [][]event{{evs[0], evs[1]}, {evs[1], evs[0]}} {
+			e := newEngine(cfg, func() string { return fmt.Sprint("ref-", rng.Uint64()) }, newStats(f.clock, nil))
+			e.setUser(user, init.Record)
+			var out []Outbound
+			for _, ev := range order {
+				out = append(out, ev.onEngine(e, f.clock(), user)...)
+			}
+			ref := e.record(user)
+			d := cmp.Diff(shape(ref), shape(final.Record)) + cmp.Diff(describe(out, ref, user), describe(got, final.Record, user))
+			if d == "" {
+				ok = true
+				break
+			}
+			tries = append(tries, d)
+		}
+		if !ok {
+			t.Fatalf("round %d (seed %d): %s: %+v and %+v from\n%s\nmatch neither order:\n%s", round, seed, user, evs[0], evs[1], strings.Join(shape(init.Record), "\n"), strings.Join(tries, "\n--- other order:\n"))
+		}
+		f.settle(user)
+		for i, g := range f.gs {
+			if diff := cmp.Diff(activeOf(final.Record), g.Sessions(user)); diff != "" {
+				t.Fatalf("round %d: gateway %d's cache differs from the store (-store +cache):\n%s", round, i, diff)
+			}
+		}
+	}
+	if f.conflicts() == 0 {
+		t.Errorf("in %d rounds no compare-and-set lost: the test did not race", rounds)
+	}
+	t.Logf("%d rounds, %d compare-and-sets lost and decided again", rounds, f.conflicts())
+}
+
+func activeOf(r *UserRecord) []Session {
+	if r == nil {
+		return nil
+	}
+	var out []Session
+	for _, s := range r.Sessions {
+		if s.Active() {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// heldWatch is a store whose watch delivers nothing until release: a
+// gateway on it decides on a stale cache every time.
+type heldWatch struct {
+	StateStore
+	mu     sync.Mutex
+	held   bool
+	queued []func()
+}
+
+func (h *heldWatch) Watch(fn func(Change)) (func(), error) {
+	return h.StateStore.Watch(func(c Change) {
+		h.mu.Lock()
+		if h.held {
+			h.queued = append(h.queued, func() { fn(c) })
+			h.mu.Unlock()
+			return
+		}
+		h.mu.Unlock()
+		fn(c)
+	})
+}
+
+func (h *heldWatch) release() {
+	h.mu.Lock()
+	q := h.queued
+	h.queued, h.held = nil, false
+	h.mu.Unlock()
+	for _, fn := range q {
+		fn()
+	}
+}
+
+// A gateway that has not seen another's writes loses its compare-and-set,
+// reads the user again and decides again: the second login kicks the
+// first (not a lost update that leaves two sessions), the losing attempt's
+// answer is not what the device gets, nor what the answer cache replays,
+// and a resume of a session only the other gateway knew succeeds.
+func TestStaleGatewayDecidesAgain(t *testing.T) {
+	mem := NewMemoryStore()
+	g1, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: mem, Now: func() time.Time { return t0 },
+		NewID: func() string { return "first" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g1.Close()
+	hw := &heldWatch{StateStore: mem, held: true}
+	n := 0
+	g2, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: hw, Now: func() time.Time { return t0.Add(time.Second) },
+		NewID: func() string { n++; return fmt.Sprint("second-", n) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2.Close()
+	var p1, p2 recording
+	g1.SetPublisher(&p1)
+	g2.SetPublisher(&p2)
+	r := newRig(t, nil)
+
+	g1.HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: r.sig("alice", time.Hour), Platform: "Linux"}))
+	g1.sendQueued()
+	first := p1.last(t)
+	login2 := mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: r.sig("alice", time.Hour), Platform: "Android"})
+	g2.HandleMessage("chat/v1/up/alice/b", login2)
+	g2.sendQueued()
+	if got := g2.stats.conflicts.Load(); got != 1 {
+		t.Errorf("%d conflicts, want 1", got)
+	}
+	want := []string{"alice/a kick first 6208", "alice/b login_result second-2 0"}
+	if diff := cmp.Diff(want, p2.sent); diff != "" {
+		t.Errorf("the stale gateway sent (-want +got):\n%s", diff)
+	}
+	sr, _ := mem.Get(context.Background(), "alice")
+	if diff := cmp.Diff([]string{"session a/Linux online=false ended=\"kicked\" by=\"other_instance\"", "session b/Android online=true ended=\"\" by=\"\""}, shape(sr.Record)); diff != "" {
+		t.Errorf("the record (-want +got):\n%s", diff)
+	}
+	// The repeated request gets the answer that was written.
+	g2.HandleMessage("chat/v1/up/alice/b", login2)
+	g2.sendQueued()
+	if got := p2.last(t); got.Session != "second-2" || got.Code != 0 {
+		t.Errorf("repeated login answered %+v, want session second-2", got)
+	}
+	if got := g2.stats.logins.Get("0"); got != 1 {
+		t.Errorf("chatgw_logins_total{code=\"0\"} = %d on the stale gateway, want 1 (the losing attempt is not counted)", got)
+	}
+
+	// A resume on the stale gateway of a session made on the first: the
+	// refusal the stale cache gives is checked against the store.
+	g1.HandleMessage("chat/v1/up/bob/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l3", UserSig: r.sig("bob", time.Hour)}))
+	g1.sendQueued()
+	bob := p1.last(t).Session
+	g2.HandleMessage("chat/v1/up/bob/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeResume, ID: "r1", Session: bob}))
+	g2.sendQueued()
+	if got := p2.last(t); got.Type != mqtt.TypeResumeResult || got.Code != 0 || got.Session != bob {
+		t.Errorf("resume on the stale gateway: %+v", got)
+	}
+	hw.release()
+	_ = first
+}
+
+// Every gateway runs the expiry timers over the whole gwFleet; the notice
+// goes out once per expiry, from whichever gateway wins the
+// compare-and-set.
+func TestExpiryNoticeOnce(t *testing.T) {
+	for round := range 50 {
+		mem := NewMemoryStore()
+		f := newGWFleet(t, mem, 2, Config{SDKAppID: testAppID, Key: testKey})
+		const users = 5
+		for i := range users {
+			user := fmt.Sprintf("u%d", i)
+			sig, err := usersig.Generate(testAppID, testKey, user, time.Minute, f.clock())
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.gs[i%2].HandleMessage("chat/v1/up/"+user+"/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l", UserSig: sig}))
+		}
+		if round%2 == 0 {
+			for i := range users {
+				f.settle(fmt.Sprintf("u%d", i))
+			}
+		}
+		f.sent()
+		f.advance(2 * time.Minute)
+		var wg sync.WaitGroup
+		for _, g := range f.gs {
+			wg.Go(func() { g.Tick() })
+		}
+		wg.Wait()
+		notices := map[string]int{}
+		for _, o := range f.sent() {
+			if o.Msg.Type == mqtt.TypeUserSigExpire {
+				notices[o.UserID]++
+			}
+		}
+		for i := range users {
+			user := fmt.Sprintf("u%d", i)
+			if notices[user] != 1 {
+				t.Fatalf("round %d: %s got %d expiry notices, want 1 (%v)", round, user, notices[user], notices)
+			}
+			sr, _ := mem.Get(context.Background(), user)
+			if sr.Record == nil || len(sr.Record.Sessions) != 1 || sr.Record.Sessions[0].EndReason != EndExpired {
+				t.Fatalf("round %d: %s's record after the expiry: %+v", round, user, sr.Record)
+			}
+		}
+		var expired uint64
+		for _, g := range f.gs {
+			expired += g.stats.expired.Load()
+		}
+		if expired != users {
+			t.Fatalf("round %d: chatgw_usersig_expired_total adds up to %d over the gateways, want %d", round, expired, users)
+		}
+	}
+}
+
+// A store that refuses a user's write: the login is never answered with
+// success, the kick it decided is held, and both go out once the write
+// succeeds; another user's write in the same group is not held back.
+func TestFailedWriteNeverSuccess(t *testing.T) {
+	mem := newMemoryStore()
+	var failing atomic.Value
+	failing.Store("")
+	mem.failWrites = func(user string) error {
+		if user == failing.Load().(string) {
+			return errors.New("store unavailable")
+		}
+		return nil
+	}
+	now := t0
+	g, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: mem, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	var pub recording
+	g.SetPublisher(&pub)
+	r := newRig(t, nil)
+	g.HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: r.sig("alice", time.Hour)}))
+	g.sendQueued()
+	first := pub.last(t).Session
+
+	failing.Store("alice")
+	pub = recording{}
+	g.HandleMessages([]inbound{
+		{topic: "chat/v1/up/alice/b", payload: mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: r.sig("alice", time.Hour), Platform: "Android"})},
+		{topic: "chat/v1/up/bob/a", payload: mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l3", UserSig: r.sig("bob", time.Hour)})},
+	})
+	g.sendQueued()
+	for _, m := range pub.msgs {
+		if m.ID == "l2" && m.Code != codes.ServerInternal2 || m.Type == mqtt.TypeKick {
+			t.Errorf("while alice's record cannot be written: %v", pub.sent)
+		}
+		if m.ID == "l3" && m.Code != 0 {
+			t.Errorf("bob's login was held back by alice's write: %v", pub.sent)
+		}
+	}
+	if len(pub.msgs) != 2 {
+		t.Errorf("sent %v, want the two answers", pub.sent)
+	}
+	failing.Store("")
+	now = now.Add(time.Second)
+	g.Tick()
+	g.sendQueued()
+	if !strings.Contains(pub.sentText(), "alice/a kick "+first) {
+		t.Errorf("the held kick did not go out after the write: %v", pub.sent)
+	}
+}
