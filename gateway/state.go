@@ -264,6 +264,13 @@ func (ws *watchers) add(fn func(Change)) func() {
 	}
 }
 
+// any reports whether anyone watches.
+func (ws *watchers) any() bool {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	return len(ws.list) > 0
+}
+
 // notify hands cs to every watcher. Call it in revision order.
 func (ws *watchers) notify(cs []Change) {
 	if len(cs) == 0 {
@@ -361,6 +368,7 @@ func (m *memoryStore) Write(ctx context.Context, ws []RecordWrite) []WriteResult
 	defer m.mu.Unlock()
 	res := make([]WriteResult, len(ws))
 	var cs []Change
+	watched := m.watch.any()
 	for i, w := range ws {
 		if m.closed {
 			res[i].Err = errStoreClosed
@@ -394,8 +402,10 @@ func (m *memoryStore) Write(ctx context.Context, ws []RecordWrite) []WriteResult
 		m.seq++
 		m.recs[w.User] = memEntry{v: v, rev: m.seq}
 		res[i].Revision = m.seq
-		r, _ := decodeRecord(w.User, v)
-		cs = append(cs, Change{User: w.User, Record: r, Revision: m.seq})
+		if watched {
+			r, _ := decodeRecord(w.User, v)
+			cs = append(cs, Change{User: w.User, Record: r, Revision: m.seq})
+		}
 	}
 	m.watch.notify(cs)
 	return res

@@ -115,7 +115,7 @@ func storeKinds(t *testing.T) []storeKind {
 
 // startNATS runs an in-process nats-server with JetStream on loopback,
 // storing under the test's directory.
-func startNATS(t *testing.T, dir string) *server.Server {
+func startNATS(t testing.TB, dir string) *server.Server {
 	t.Helper()
 	opts := &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true}
 	srv, err := server.NewServer(opts)
@@ -130,7 +130,7 @@ func startNATS(t *testing.T, dir string) *server.Server {
 	return srv
 }
 
-func jsConnect(t *testing.T, srv *server.Server) jetstream.JetStream {
+func jsConnect(t testing.TB, srv *server.Server) jetstream.JetStream {
 	t.Helper()
 	nc, err := nats.Connect(srv.ClientURL())
 	if err != nil {
