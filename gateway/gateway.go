@@ -345,10 +345,18 @@ func (g *Gateway) transact(pre []Outbound, attempt func(only map[string]bool) (o
 				final = append(final, o)
 			}
 		}
+		// What was decided for the users whose record is written, or who
+		// changed nothing, takes effect; a failed user's waits.
+		for u := range g.e.pend {
+			if !lost[u] && !g.failed[u] {
+				g.e.settle(u, true)
+			}
+		}
 		if len(lost) == 0 {
 			break
 		}
 		if n == maxAttempts {
+			err = errUnwritten
 			g.log.Warn("gateway state: users' records kept changing while being decided; answering 70500", "users", len(lost))
 			for r, typ := range rs {
 				if lost[r.user] {
@@ -392,7 +400,9 @@ func (g *Gateway) commitUsers() (lost map[string]bool, err error) {
 			g.stats.recordWrites.Add(1)
 			delete(g.e.dirty.users, u)
 			if ws[i].Record == nil {
-				if base := g.revs[u]; base != 0 || r.Revision != 0 {
+				// Until the watch shows the deletion, older records of
+				// the user it may still show are not applied.
+				if base := g.revs[u]; g.stopWatch != nil && (base != 0 || r.Revision != 0) {
 					g.gone[u] = max(base, r.Revision)
 				}
 				delete(g.revs, u)
@@ -710,9 +720,10 @@ func (g *Gateway) decode(topic string, payload []byte) (upMsg, []Outbound, bool)
 
 // handle runs one message through the engine; call with g.mu held. It
 // returns what to send and, when the message is a request that gets an
-// answer, the answer's type; check says that the answer is a refusal that
-// rests on the cached record alone (a resume of a session the cache does
-// not know, or knows as ended), to be checked against the store.
+// answer, the answer's type; check says that the outcome rests on the
+// cached record alone and changed nothing (a refused resume, an offline
+// that matched no session): with a shared store, the record is read to
+// see whether the cache was behind.
 func (g *Gateway) handle(it upMsg) (out []Outbound, typ string, isReq, check bool) {
 	user, instance, m := it.user, it.instance, it.m
 	now := g.now()
@@ -727,7 +738,7 @@ func (g *Gateway) handle(it upMsg) (out []Outbound, typ string, isReq, check boo
 			}
 		case mqtt.TypeResumeResult:
 			g.log.Info("resume", "user", user, "instance", instance, "session", m.Session, "code", o.Msg.Code)
-			check = o.Msg.Code != 0 && !g.ownStore
+			check = o.Msg.Code != 0
 		case mqtt.TypeKick:
 			g.log.Info("kick", "user", o.UserID, "instance", o.Instance, "session", o.Msg.Session, "reason", o.Msg.Reason)
 		}
@@ -735,6 +746,9 @@ func (g *Gateway) handle(it upMsg) (out []Outbound, typ string, isReq, check boo
 			isReq, typ = true, o.Msg.Type
 		}
 	}
+	// An offline that changed nothing may be about a session the cache
+	// has not seen yet.
+	check = (check || m.Type == mqtt.TypeOffline) && !g.ownStore && !g.e.dirty.users[user]
 	return out, typ, isReq, check
 }
 

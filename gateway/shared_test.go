@@ -570,3 +570,70 @@ func TestFailedWriteNeverSuccess(t *testing.T) {
 		t.Errorf("the held kick did not go out after the write: %v", pub.sent)
 	}
 }
+
+// What the engine decided takes effect once nothing waits for a write:
+// the counters of refused logins (which write nothing) count, and nothing
+// is left pending.
+func TestEffectsSettle(t *testing.T) {
+	g, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Now: func() time.Time { return t0 }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	g.SetPublisher(&recording{})
+	r := newRig(t, nil)
+	refused := mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "x", UserSig: "junk"})
+	g.HandleMessage("chat/v1/up/bob/a", refused)
+	g.HandleMessage("chat/v1/up/bob/a", refused) // answered from the cache
+	g.HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l", UserSig: r.sig("alice", time.Hour)}))
+	if n := len(g.e.pend); n != 0 {
+		t.Errorf("%d users' effects left pending", n)
+	}
+	if got := g.stats.logins.Get("0"); got != 1 {
+		t.Errorf("logins with code 0: %d, want 1", got)
+	}
+	var refusedCount uint64
+	g.stats.logins.mu.Lock()
+	for code, n := range g.stats.logins.vals {
+		if code != "0" {
+			refusedCount += n.Load()
+		}
+	}
+	g.stats.logins.mu.Unlock()
+	if refusedCount != 1 || g.stats.drops.Get(dropRepeated) != 1 {
+		t.Errorf("refused logins counted %d, repeated %d; want 1 and 1", refusedCount, g.stats.drops.Get(dropRepeated))
+	}
+}
+
+// Gateways sharing a store report the same fleet gauges: the sessions and
+// the daily active users come from the shared records.
+func TestFleetGaugesAgree(t *testing.T) {
+	f := newGWFleet(t, NewMemoryStore(), 2, Config{SDKAppID: testAppID, Key: testKey})
+	r := newRig(t, nil)
+	for i, user := range []string{"alice", "bob", "carol"} {
+		f.gs[i%2].HandleMessage("chat/v1/up/"+user+"/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l", UserSig: r.sig(user, time.Hour)}))
+	}
+	f.gs[1].HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeOffline}))
+	for _, user := range []string{"alice", "bob", "carol"} {
+		f.settle(user)
+	}
+	want := []string{"chatgw_daily_active_users 3", "chatgw_sessions_active 3", "chatgw_sessions_online 2"}
+	for i, g := range f.gs {
+		var b strings.Builder
+		g.WriteMetrics(&b)
+		for _, w := range want {
+			if !strings.Contains(b.String(), w+"\n") {
+				t.Errorf("gateway %d lacks %q", i, w)
+			}
+		}
+	}
+	// The next day nobody has been active yet.
+	f.advance(24 * time.Hour)
+	for i, g := range f.gs {
+		var b strings.Builder
+		g.WriteMetrics(&b)
+		if !strings.Contains(b.String(), "chatgw_daily_active_users 0\n") {
+			t.Errorf("gateway %d: the next day's active users are not 0", i)
+		}
+	}
+}
