@@ -203,6 +203,21 @@ func New(opts Options) (*Gateway, error) {
 	if err != nil {
 		return fail(fmt.Errorf("loading gateway state (%s): %w", where, err))
 	}
+	// Fail outside the lock: stopping a watch waits for its callback.
+	n, err := g.loadRecords(recs, opts.NoSurvivors)
+	if err != nil {
+		return fail(fmt.Errorf("writing gateway state (%s): %w", where, err))
+	}
+	if len(recs) > 0 || g.ownStore && opts.StatePath != "" {
+		active, _ := g.countSessions()
+		g.log.Info("gateway state loaded", "from", where, "users", len(recs), "active_sessions", active, "marked_offline", n)
+	}
+	return g, nil
+}
+
+// loadRecords fills the cache with recs and, with noSurvivors, marks every
+// session offline and writes that; it returns how many it marked.
+func (g *Gateway) loadRecords(recs []StoredRecord, noSurvivors bool) (int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	for _, r := range recs {
@@ -211,20 +226,17 @@ func New(opts Options) (*Gateway, error) {
 			g.revs[r.User] = r.Revision
 		}
 	}
-	n := 0
-	if opts.NoSurvivors {
-		n = g.e.AllOffline()
-		if _, err := g.commitUsers(); err != nil {
-			return fail(fmt.Errorf("writing gateway state (%s): %w", where, err))
-		}
-		if len(g.e.dirty.users) > 0 {
-			return fail(fmt.Errorf("writing gateway state (%s): %d users' records changed meanwhile; start again", where, len(g.e.dirty.users)))
-		}
+	if !noSurvivors {
+		return 0, nil
 	}
-	if len(recs) > 0 || g.ownStore && opts.StatePath != "" {
-		g.log.Info("gateway state loaded", "from", where, "users", len(recs), "active_sessions", g.e.nActive, "marked_offline", n)
+	n := g.e.AllOffline()
+	if _, err := g.commitUsers(); err != nil {
+		return 0, err
 	}
-	return g, nil
+	if len(g.e.dirty.users) > 0 {
+		return 0, fmt.Errorf("%d users' records changed meanwhile; start again", len(g.e.dirty.users))
+	}
+	return n, nil
 }
 
 // Timeouts of the state store's calls.
@@ -721,9 +733,9 @@ func (g *Gateway) decode(topic string, payload []byte) (upMsg, []Outbound, bool)
 // handle runs one message through the engine; call with g.mu held. It
 // returns what to send and, when the message is a request that gets an
 // answer, the answer's type; check says that the outcome rests on the
-// cached record alone and changed nothing (a refused resume, an offline
-// that matched no session): with a shared store, the record is read to
-// see whether the cache was behind.
+// cached record alone and changed nothing (a refused resume, a logout or
+// an offline that matched no session): with a shared store, the record is
+// read to see whether the cache was behind.
 func (g *Gateway) handle(it upMsg) (out []Outbound, typ string, isReq, check bool) {
 	user, instance, m := it.user, it.instance, it.m
 	now := g.now()
@@ -746,9 +758,9 @@ func (g *Gateway) handle(it upMsg) (out []Outbound, typ string, isReq, check boo
 			isReq, typ = true, o.Msg.Type
 		}
 	}
-	// An offline that changed nothing may be about a session the cache
-	// has not seen yet.
-	check = (check || m.Type == mqtt.TypeOffline) && !g.ownStore && !g.e.dirty.users[user]
+	// A logout or an offline that changed nothing may be about a session
+	// the cache has not seen yet.
+	check = (check || m.Type == mqtt.TypeOffline || m.Type == mqtt.TypeLogout) && !g.ownStore && !g.e.dirty.users[user]
 	return out, typ, isReq, check
 }
 

@@ -58,12 +58,16 @@ type gwFleet struct {
 	now time.Time
 }
 
-func newGWFleet(t *testing.T, st StateStore, n int, cfg Config) *gwFleet {
+func newGWFleet(t *testing.T, st StateStore, n int, cfg Config, views ...StateStore) *gwFleet {
 	t.Helper()
 	f := &gwFleet{t: t, st: st, cfg: cfg, now: t0}
 	for i := range n {
 		var ids atomic.Int64
-		g, err := New(Options{Config: cfg, Store: st, Now: f.clock,
+		view := st
+		if i < len(views) {
+			view = views[i]
+		}
+		g, err := New(Options{Config: cfg, Store: view, Now: f.clock,
 			NewID: func() string { return fmt.Sprintf("g%d-%d", i, ids.Add(1)) }})
 		if err != nil {
 			t.Fatal(err)
@@ -234,7 +238,7 @@ func shape(rec *UserRecord) []string {
 // handling the two events one after the other would: the same record, the
 // same answers and kicks, in one of the two orders. Many rounds, seeded.
 func TestFleetDecidesLikeOneGateway(t *testing.T) {
-	t.Run("memory", func(t *testing.T) { testFleetLikeOne(t, NewMemoryStore(), 300) })
+	t.Run("memory", func(t *testing.T) { testFleetLikeOne(t, NewMemoryStore(), 600) })
 	if testing.Short() {
 		t.Skip("the key-value store under -short")
 	}
@@ -245,7 +249,7 @@ func TestFleetDecidesLikeOneGateway(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer st.Close()
-		testFleetLikeOne(t, st, 100)
+		testFleetLikeOne(t, st, 150)
 	})
 }
 
@@ -255,7 +259,10 @@ func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
 	rng := rand.New(rand.NewPCG(seed, 9))
 	cfg := Config{SDKAppID: testAppID, Key: testKey, Instances: Instances{"Linux": 2, "Android": 1, "Web": 2, "Windows": 1}}
 	cfg.setDefaults()
-	f := newGWFleet(t, st, 2, cfg)
+	// The second gateway's watch is held back in some rounds: then it
+	// decides on what it knew before the round.
+	hw := &heldWatch{StateStore: st}
+	f := newGWFleet(t, st, 2, cfg, st, hw)
 	req := 0
 	newEvent := func(user string, sessions []Session) event {
 		req++
@@ -284,6 +291,7 @@ func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
 	for round := range rounds {
 		user := fmt.Sprintf("u%d", round%20)
 		f.advance(time.Minute)
+		hw.hold(rng.IntN(2) == 0)
 		// Some history, through either gateway.
 		for range rng.IntN(3) {
 			sr, _ := st.Get(context.Background(), user)
@@ -294,7 +302,7 @@ func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
 			ev := newEvent(user, ss)
 			ev.on(t, f.gs[rng.IntN(2)], user)
 		}
-		if rng.IntN(2) == 0 {
+		if rng.IntN(2) == 0 && !hw.isHeld() {
 			f.settle(user) // else the second gateway may not have seen it
 		}
 		f.sent()
@@ -339,6 +347,7 @@ func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
 		if !ok {
 			t.Fatalf("round %d (seed %d): %s: %+v and %+v from\n%s\nmatch neither order:\n%s", round, seed, user, evs[0], evs[1], strings.Join(shape(init.Record), "\n"), strings.Join(tries, "\n--- other order:\n"))
 		}
+		hw.release()
 		f.settle(user)
 		for i, g := range f.gs {
 			if diff := cmp.Diff(activeOf(final.Record), g.Sessions(user)); diff != "" {
@@ -385,6 +394,22 @@ func (h *heldWatch) Watch(fn func(Change)) (func(), error) {
 		h.mu.Unlock()
 		fn(c)
 	})
+}
+
+func (h *heldWatch) hold(v bool) {
+	if !v {
+		h.release()
+		return
+	}
+	h.mu.Lock()
+	h.held = true
+	h.mu.Unlock()
+}
+
+func (h *heldWatch) isHeld() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.held
 }
 
 func (h *heldWatch) release() {
@@ -635,5 +660,70 @@ func TestFleetGaugesAgree(t *testing.T) {
 		if !strings.Contains(b.String(), "chatgw_daily_active_users 0\n") {
 			t.Errorf("gateway %d: the next day's active users are not 0", i)
 		}
+	}
+}
+
+// A record that becomes empty is deleted, the other gateway's cache
+// follows, and the user's next login creates it anew, through either
+// gateway (on the bucket: over its delete marker).
+func TestDeletedRecordFollows(t *testing.T) {
+	stores := map[string]func(t *testing.T) StateStore{"memory": func(*testing.T) StateStore { return NewMemoryStore() }}
+	if !testing.Short() {
+		stores["kv"] = func(t *testing.T) StateStore {
+			st, err := OpenKV(context.Background(), jsConnect(t, startNATS(t, t.TempDir())), KVOptions{Bucket: "del"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { st.Close() })
+			return st
+		}
+	}
+	for name, open := range stores {
+		t.Run(name, func(t *testing.T) {
+			st := open(t)
+			f := newGWFleet(t, st, 2, Config{SDKAppID: testAppID, Key: testKey, TombstoneTTL: time.Hour})
+			login := func(g *Gateway, id string) {
+				sig, _ := usersig.Generate(testAppID, testKey, "alice", 24*time.Hour, f.clock())
+				g.HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: id, UserSig: sig}))
+			}
+			login(f.gs[0], "l1")
+			out := f.sent()
+			session := out[len(out)-1].Msg.Session
+			f.gs[1].HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogout, ID: "o1", Session: session}))
+			f.settle("alice")
+			f.advance(2 * time.Hour)
+			f.gs[0].Tick() // forgets the tombstone: nothing left, the record goes
+			if sr, _ := st.Get(context.Background(), "alice"); sr.Revision != 0 {
+				t.Fatalf("record after the tombstone went: %+v", sr)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				f.gs[1].mu.Lock()
+				_, cached := f.gs[1].e.users["alice"]
+				f.gs[1].mu.Unlock()
+				if !cached {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the other gateway still caches the deleted record")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			f.gs[1].Tick()
+			login(f.gs[1], "l2")
+			f.settle("alice")
+			login(f.gs[0], "l3") // replaces the session made through the other gateway
+			got := f.sent()
+			sr, _ := st.Get(context.Background(), "alice")
+			if diff := cmp.Diff([]string{"session a/Linux online=false ended=\"replaced\" by=\"\"", "session a/Linux online=true ended=\"\" by=\"\""}, shape(sr.Record)); diff != "" {
+				t.Errorf("after logins through both gateways (-want +got):\n%s\nsent %v", diff, got)
+			}
+			f.settle("alice")
+			for i, g := range f.gs {
+				if diff := cmp.Diff(activeOf(sr.Record), g.Sessions("alice")); diff != "" {
+					t.Errorf("gateway %d's cache (-store +cache):\n%s", i, diff)
+				}
+			}
+		})
 	}
 }
