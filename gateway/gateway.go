@@ -570,6 +570,10 @@ func (g *Gateway) applyChange(c Change) {
 	}
 	g.unwritten = len(g.failed) > 0
 	g.stats.watched.Add(1)
+	// Its sessions' expiries are this gateway's to watch too.
+	if n := g.e.NextExpire(); !n.IsZero() && (g.timerAt.IsZero() || n.Before(g.timerAt)) {
+		g.wakeTimers()
+	}
 }
 
 func (g *Gateway) wakeTimers() {

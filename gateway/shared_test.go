@@ -727,3 +727,37 @@ func TestDeletedRecordFollows(t *testing.T) {
 		})
 	}
 }
+
+// The notice of an expiry goes out also when the gateway that accepted
+// the login is gone: the other one learned the session from the store, and
+// its timer is woken for it.
+func TestExpiryAfterGatewayGone(t *testing.T) {
+	mem := NewMemoryStore()
+	f := newGWFleet(t, mem, 2, Config{SDKAppID: testAppID, Key: testKey})
+	f.gs[1].Tick() // nothing due: its timer sleeps for an hour
+	select {
+	case <-f.gs[1].wake:
+	default:
+	}
+	sig, _ := usersig.Generate(testAppID, testKey, "alice", time.Minute, f.clock())
+	f.gs[0].HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l", UserSig: sig}))
+	f.settle("alice")
+	f.gs[0].Close()
+	f.sent()
+	select {
+	case <-f.gs[1].wake:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watched session's expiry did not wake the other gateway's timer")
+	}
+	f.advance(2 * time.Minute)
+	f.gs[1].Tick()
+	var notices []string
+	for _, o := range f.sent() {
+		if o.Msg.Type == mqtt.TypeUserSigExpire {
+			notices = append(notices, o.UserID+"/"+o.Instance)
+		}
+	}
+	if diff := cmp.Diff([]string{"alice/a"}, notices); diff != "" {
+		t.Errorf("expiry notices (-want +got):\n%s", diff)
+	}
+}
