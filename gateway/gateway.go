@@ -430,7 +430,7 @@ func (g *Gateway) commitUsers() (lost map[string]bool, err error) {
 		case errors.Is(r.Err, ErrConflict):
 			g.stats.conflicts.Add(1)
 			lost[u] = true
-			g.reload(ctx, u)
+			g.reload(ctx, u, ws[i].Revision)
 		default:
 			if err == nil {
 				err = r.Err
@@ -455,12 +455,20 @@ func (g *Gateway) commitUsers() (lost map[string]bool, err error) {
 	return lost, err
 }
 
-// reload replaces the cached record of user by a fresh read, forgetting
-// what was decided on the old one. When the read fails, the user is
-// cached as having no record: a write decided on that loses again.
-func (g *Gateway) reload(ctx context.Context, u string) {
+// reload replaces the cached record of user, whose write at revision lost,
+// by a fresh read, forgetting what was decided on the old one. A read that
+// still gives that revision means the write that won is not applied yet
+// (a replicated bucket's leader answers the compare-and-set of a write in
+// flight before it reads it): it is read again, a few times, a little
+// later. When the read fails, the user is cached as having no record: a
+// write decided on that loses again.
+func (g *Gateway) reload(ctx context.Context, u string, lostAt uint64) {
 	g.forget(u)
 	sr, err := g.st.Get(ctx, u)
+	for wait := time.Millisecond; err == nil && sr.Revision == lostAt && wait <= 64*time.Millisecond; wait *= 2 {
+		time.Sleep(wait)
+		sr, err = g.st.Get(ctx, u)
+	}
 	if err != nil {
 		g.log.Warn("reading a user's record failed", "user", u, "err", err)
 		g.e.setUser(u, nil)

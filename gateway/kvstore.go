@@ -52,7 +52,8 @@ const maxKVWriters = 64
 
 // OpenKV opens the gateway state in the JetStream key-value bucket
 // o.Bucket, creating it (history 1, file storage, o.Replicas replicas) if
-// it does not exist. Close does not close js's connection.
+// it does not exist, and turns its direct gets off, so that every read is
+// answered by the stream's leader. Close does not close js's connection.
 func OpenKV(ctx context.Context, js jetstream.JetStream, o KVOptions) (StateStore, error) {
 	if o.Bucket == "" {
 		o.Bucket = DefaultKVBucket
@@ -93,8 +94,28 @@ func OpenKV(ctx context.Context, js jetstream.JetStream, o KVOptions) (StateStor
 				"replicas", st.Config().Replicas, "configured", o.Replicas)
 		}
 	}
+	// Reads must see the last write: a direct get may be answered by a
+	// replica that lags, and a gateway that lost a compare-and-set would
+	// read the record it lost against again. Without direct gets the
+	// stream's leader answers.
+	stream, err := js.Stream(ctx, kvStreamPrefix+o.Bucket)
+	if err != nil {
+		return nil, fmt.Errorf("opening state bucket %s: %w", o.Bucket, err)
+	}
+	if cfg := stream.CachedInfo().Config; cfg.AllowDirect {
+		cfg.AllowDirect = false
+		if _, err := js.UpdateStream(ctx, cfg); err != nil {
+			return nil, fmt.Errorf("state bucket %s: turning direct gets off (reads must come from the leader): %w", o.Bucket, err)
+		}
+		if kv, err = js.KeyValue(ctx, o.Bucket); err != nil {
+			return nil, fmt.Errorf("opening state bucket %s: %w", o.Bucket, err)
+		}
+	}
 	return &kvStore{kv: kv, bucket: o.Bucket, log: o.Logger}, nil
 }
+
+// kvStreamPrefix starts the name of the stream behind a bucket.
+const kvStreamPrefix = "KV_"
 
 // kvKey returns user's key.
 func kvKey(user string) string {

@@ -238,7 +238,7 @@ func shape(rec *UserRecord) []string {
 // handling the two events one after the other would: the same record, the
 // same answers and kicks, in one of the two orders. Many rounds, seeded.
 func TestFleetDecidesLikeOneGateway(t *testing.T) {
-	t.Run("memory", func(t *testing.T) { testFleetLikeOne(t, NewMemoryStore(), 600) })
+	t.Run("memory", func(t *testing.T) { st := NewMemoryStore(); testFleetLikeOne(t, st, st, 600) })
 	if testing.Short() {
 		t.Skip("the key-value store under -short")
 	}
@@ -249,11 +249,22 @@ func TestFleetDecidesLikeOneGateway(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer st.Close()
-		testFleetLikeOne(t, st, 150)
+		testFleetLikeOne(t, st, st, 150)
+	})
+	t.Run("kv-r3", func(t *testing.T) {
+		// The gateways on two nodes of a three-node cluster.
+		cluster := startCluster(t, 3)
+		st := openKVRetrying(t, jsConnect(t, cluster[0]), KVOptions{Bucket: "race3", Replicas: 3})
+		defer st.Close()
+		other := openKVRetrying(t, jsConnect(t, cluster[2]), KVOptions{Bucket: "race3", Replicas: 3})
+		defer other.Close()
+		testFleetLikeOne(t, st, other, 100)
 	})
 }
 
-func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
+// testFleetLikeOne runs two gateways, one on st, the other on other (st
+// itself, or the same bucket through another server).
+func testFleetLikeOne(t *testing.T, st, other StateStore, rounds int) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 9))
@@ -261,7 +272,7 @@ func testFleetLikeOne(t *testing.T, st StateStore, rounds int) {
 	cfg.setDefaults()
 	// The second gateway's watch is held back in some rounds: then it
 	// decides on what it knew before the round.
-	hw := &heldWatch{StateStore: st}
+	hw := &heldWatch{StateStore: other}
 	f := newGWFleet(t, st, 2, cfg, st, hw)
 	req := 0
 	newEvent := func(user string, sessions []Session) event {

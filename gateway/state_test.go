@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -110,7 +112,88 @@ func storeKinds(t *testing.T) []storeKind {
 			return s
 		},
 	})
+	cluster := startCluster(t, 3)
+	openR3 := func(t *testing.T) StateStore {
+		t.Helper()
+		s := openKVRetrying(t, jsConnect(t, cluster[0]), KVOptions{Bucket: "contract3", Replicas: 3})
+		if st, err := s.(*kvStore).kv.Status(context.Background()); err != nil || st.Config().Replicas != 3 {
+			t.Fatalf("the bucket's replicas: %v", err)
+		}
+		return s
+	}
+	kinds = append(kinds, storeKind{
+		name: "kv-r3", open: openR3, persistent: true,
+		other: func(t *testing.T, s StateStore) StateStore {
+			// Another gateway, on another node of the cluster.
+			o := openKVRetrying(t, jsConnect(t, cluster[2]), KVOptions{Bucket: "contract3", Replicas: 3})
+			t.Cleanup(func() { o.Close() })
+			return o
+		},
+		putRaw: func(t *testing.T, s StateStore, user string, v []byte) StateStore {
+			if _, err := s.(*kvStore).kv.Put(context.Background(), kvKey(user), v); err != nil {
+				t.Fatal(err)
+			}
+			return s
+		},
+	})
 	return kinds
+}
+
+// startCluster runs n in-process nats-servers with JetStream as one
+// cluster on loopback.
+func startCluster(t testing.TB, n int) []*server.Server {
+	t.Helper()
+	ports := make([]int, n)
+	for i := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+	}
+	var routes []*url.URL
+	for _, p := range ports {
+		routes = append(routes, &url.URL{Scheme: "nats", Host: fmt.Sprintf("127.0.0.1:%d", p)})
+	}
+	var srvs []*server.Server
+	for i := range n {
+		opts := &server.Options{ServerName: fmt.Sprint("n", i), Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(),
+			NoLog: true, NoSigs: true, Routes: routes,
+			Cluster: server.ClusterOpts{Name: "chatgw-test", Host: "127.0.0.1", Port: ports[i]}}
+		srv, err := server.NewServer(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.Start()
+		t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+		srvs = append(srvs, srv)
+	}
+	for _, srv := range srvs {
+		if !srv.ReadyForConnections(20 * time.Second) {
+			t.Fatal("nats-server did not start")
+		}
+	}
+	return srvs
+}
+
+// openKVRetrying opens the bucket once the cluster has elected its
+// JetStream leader.
+func openKVRetrying(t testing.TB, js jetstream.JetStream, o KVOptions) StateStore {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s, err := OpenKV(ctx, js, o)
+		cancel()
+		if err == nil {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("opening the bucket on the cluster: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // startNATS runs an in-process nats-server with JetStream on loopback,
