@@ -152,3 +152,35 @@ func BenchmarkKVLogin(b *testing.B) {
 	}
 	b.ReportMetric(float64(g.stats.recordWrites.Load())/float64(n), "writes/login")
 }
+
+// BenchmarkKVBucketBytes reports what the bucket itself holds per device
+// (its stream's bytes, with each message's subject and headers), for
+// users with one device (an active session and a tombstone) each.
+func BenchmarkKVBucketBytes(b *testing.B) {
+	js := jsConnect(b, startNATS(b, b.TempDir()))
+	st, err := OpenKV(context.Background(), js, KVOptions{Bucket: "bytes"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	const users = 1000
+	n := 0
+	for b.Loop() {
+		ws := make([]RecordWrite, 0, users)
+		for i := range users {
+			user := fmt.Sprintf("device-%010d", n*users+i)
+			ws = append(ws, RecordWrite{User: user, Record: realisticRecord(user, 1)})
+		}
+		for _, r := range st.Write(context.Background(), ws) {
+			if r.Err != nil {
+				b.Fatal(r.Err)
+			}
+		}
+		n++
+	}
+	status, err := st.(*kvStore).kv.Status(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(status.Bytes())/float64(n*users), "bucket-bytes/device")
+}
