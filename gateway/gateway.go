@@ -344,10 +344,14 @@ func (g *Gateway) transact(pre []Outbound, attempt func(only map[string]bool) (o
 		if werr != nil {
 			err = werr
 		}
+		var check []string
 		for u := range verify {
-			if !lost[u] && !g.failed[u] && g.stale(u) {
-				lost[u] = true
+			if !lost[u] && !g.failed[u] {
+				check = append(check, u)
 			}
+		}
+		for _, u := range g.stale(check) {
+			lost[u] = true
 		}
 		for _, o := range out {
 			if !lost[o.UserID] {
@@ -483,23 +487,42 @@ func (g *Gateway) reload(ctx context.Context, u string, lostAt uint64) {
 	}
 }
 
-// stale reports whether user's record in the store is newer than the
-// cached one (and if so reloads it).
-func (g *Gateway) stale(u string) bool {
+// stale reads the records of users (at once) and returns those whose
+// record in the store is newer than the cached one, reloaded.
+func (g *Gateway) stale(users []string) []string {
+	if len(users) == 0 {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()
-	sr, err := g.st.Get(ctx, u)
-	if err != nil || sr.Revision == g.revs[u] {
-		return false
+	fresh := make([]StoredRecord, len(users))
+	errs := make([]error, len(users))
+	sem := make(chan struct{}, maxKVWriters)
+	var wg sync.WaitGroup
+	for i, u := range users {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			fresh[i], errs[i] = g.st.Get(ctx, u)
+		})
 	}
-	g.forget(u)
-	g.e.setUser(u, sr.Record)
-	if sr.Revision == 0 {
-		delete(g.revs, u)
-	} else {
-		g.revs[u] = sr.Revision
+	wg.Wait()
+	var out []string
+	for i, u := range users {
+		sr := fresh[i]
+		if errs[i] != nil || sr.Revision == g.revs[u] {
+			continue
+		}
+		g.forget(u)
+		g.e.setUser(u, sr.Record)
+		if sr.Revision == 0 {
+			delete(g.revs, u)
+		} else {
+			g.revs[u] = sr.Revision
+		}
+		out = append(out, u)
 	}
-	return true
+	return out
 }
 
 // forget drops what was decided for user and not yet written: its held
