@@ -298,6 +298,19 @@ func (g *Gateway) SetPublisher(p Publisher) {
 // errUnwritten is what Kick returns when the state write failed.
 var errUnwritten = errors.New("the gateway state could not be written; the change is kept in memory and written again every second")
 
+// errContended is what Kick returns when the user's record kept changing
+// under it (other gateways wrote it every time): nothing was changed. It
+// is an errUnwritten for the admin API (a 500: try again).
+var errContended error = contendedError{}
+
+type contendedError struct{}
+
+func (contendedError) Error() string {
+	return "the user's record kept changing while it was being written (other gateways wrote it each time); nothing was changed, try again"
+}
+
+func (contendedError) Is(target error) bool { return target == errUnwritten }
+
 // reqID names a device request being answered: its device and id.
 type reqID struct{ user, instance, id string }
 
@@ -372,7 +385,7 @@ func (g *Gateway) transact(pre []Outbound, attempt func(only map[string]bool) (o
 			break
 		}
 		if n == maxAttempts {
-			err = errUnwritten
+			err = errContended
 			g.log.Warn("gateway state: users' records kept changing while being decided; answering 70500", "users", len(lost))
 			for r, typ := range rs {
 				if lost[r.user] {
@@ -384,6 +397,9 @@ func (g *Gateway) transact(pre []Outbound, attempt func(only map[string]bool) (o
 		only = lost
 	}
 	g.deliver(final, all)
+	if errors.Is(err, errContended) {
+		return err
+	}
 	if err != nil {
 		return errUnwritten
 	}
@@ -817,6 +833,9 @@ func (g *Gateway) Kick(user string) (int, time.Time, error) {
 		return out, nil, nil
 	})
 	g.log.Info("admin kick", "user", user, "sessions", n)
+	if !errors.Is(err, errContended) && !g.failed[user] {
+		err = nil // another user's write failed, not this one's
+	}
 	return n, time.Unix(now.Unix(), 0), err
 }
 
