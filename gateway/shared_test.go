@@ -238,11 +238,15 @@ func shape(rec *UserRecord) []string {
 // handling the two events one after the other would: the same record, the
 // same answers and kicks, in one of the two orders. Many rounds, seeded.
 func TestFleetDecidesLikeOneGateway(t *testing.T) {
-	t.Run("memory", func(t *testing.T) { st := NewMemoryStore(); testFleetLikeOne(t, st, st, 600) })
+	rounds := 600
 	if testing.Short() {
-		t.Skip("the key-value store under -short")
+		rounds = 150 // under emulation (test-arm)
 	}
+	t.Run("memory", func(t *testing.T) { st := NewMemoryStore(); testFleetLikeOne(t, st, st, rounds) })
 	t.Run("kv", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("the key-value store under -short")
+		}
 		js := jsConnect(t, startNATS(t, t.TempDir()))
 		st, err := OpenKV(context.Background(), js, KVOptions{Bucket: "race"})
 		if err != nil {
@@ -252,6 +256,9 @@ func TestFleetDecidesLikeOneGateway(t *testing.T) {
 		testFleetLikeOne(t, st, st, 150)
 	})
 	t.Run("kv-r3", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("the key-value store under -short")
+		}
 		// The gateways on two nodes of a three-node cluster.
 		cluster := startCluster(t, 3)
 		st := openKVRetrying(t, jsConnect(t, cluster[0]), KVOptions{Bucket: "race3", Replicas: 3})
