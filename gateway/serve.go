@@ -8,6 +8,9 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // ServeConfig is everything `chatgw serve` runs.
@@ -83,9 +86,28 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			defer nc.Close()
 			no.Conn = nc
 		}
-		// The state store on the bucket cfg.KVBucket (cfg.KVReplicas) of
-		// no.Conn's JetStream belongs in cfg.Options here, before New;
-		// without one, each gateway keeps its own state in StatePath.
+		// On NATS the state is the cluster's: every gateway of the fleet
+		// shares the key-value bucket, one record per user.
+		if cfg.Store == nil {
+			js, err := jetstream.New(no.Conn)
+			if err != nil {
+				return fmt.Errorf("JetStream on NATS: %w", err)
+			}
+			bucket, replicas := cfg.KVBucket, cfg.KVReplicas
+			if bucket == "" {
+				bucket = DefaultKVBucket
+			}
+			if replicas == 0 {
+				replicas = DefaultKVReplicas
+			}
+			st, err := openSharedState(ctx, js, KVOptions{Bucket: bucket, Replicas: replicas, Logger: log}, log)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			cfg.Store = st
+			log.Info("gateway state on NATS", "bucket", bucket, "replicas", replicas)
+		}
 	}
 	g, err := New(cfg.Options)
 	if err != nil {
@@ -162,4 +184,38 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 	case err := <-srvErr:
 		return fmt.Errorf("admin API: %w", err)
 	}
+}
+
+// openSharedState opens the state bucket, waiting while JetStream is not
+// ready yet (a cluster still electing its leaders, a node starting): a
+// gateway started with its cluster comes up with it instead of failing.
+// A refusal that waiting cannot cure (permissions, a bad bucket name) ends
+// it at once.
+func openSharedState(ctx context.Context, js jetstream.JetStream, o KVOptions, log *slog.Logger) (StateStore, error) {
+	wait := 250 * time.Millisecond
+	for {
+		octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		st, err := OpenKV(octx, js, o)
+		cancel()
+		if err == nil {
+			return st, nil
+		}
+		if !kvRetryable(err) || ctx.Err() != nil {
+			return nil, fmt.Errorf("opening the state bucket %q on NATS: %w", o.Bucket, err)
+		}
+		log.Warn("the state bucket is not available yet; retrying", "bucket", o.Bucket, "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
+}
+
+func kvRetryable(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrNoHeartbeat) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrDisconnected)
 }
