@@ -90,9 +90,9 @@ type natsNode struct {
 	mqtt string // tcp://127.0.0.1:port
 }
 
-// startNATS runs nats-server with conf (its listeners, server name and
+// startNATSNode runs nats-server with conf (its listeners, server name and
 // store are added here) until the test ends.
-func startNATS(t *testing.T, conf string) *natsNode {
+func startNATSNode(t *testing.T, conf string) *natsNode {
 	t.Helper()
 	dir := t.TempDir()
 	np, mp := freePort(t), freePort(t)
@@ -162,7 +162,7 @@ func skipShort(t *testing.T) {
 // topic mapping transforms.
 func TestServeNATSLoginKickResume(t *testing.T) {
 	skipShort(t)
-	n := startNATS(t, "")
+	n := startNATSNode(t, "")
 	w := natsWorld(t, n, nil)
 	if m := w.metrics(); !strings.Contains(m, "chatgw_broker_connected 1\n") {
 		t.Errorf("not connected:\n%s", grep(m, "broker_connected"))
@@ -199,7 +199,7 @@ func TestServeNATSLoginKickResume(t *testing.T) {
 // what comes from it is dropped and counted, and nobody is answered.
 func TestServeNATSWildcardUserIDs(t *testing.T) {
 	skipShort(t)
-	n := startNATS(t, "")
+	n := startNATSNode(t, "")
 	w := natsWorld(t, n, nil)
 	victim := w.dial("alice", "inst-a", w.sig("alice", time.Hour))
 	for i, user := range []string{"*", ">"} {
@@ -240,7 +240,7 @@ func TestServeNATSWildcardUserIDs(t *testing.T) {
 // back: the gateway stores downs in the MQTT message stream.
 func TestServeNATSPersistentSessionGetsPushLater(t *testing.T) {
 	skipShort(t)
-	n := startNATS(t, "")
+	n := startNATSNode(t, "")
 	w := natsWorld(t, n, nil)
 	sig := w.sig("alice", time.Hour)
 	got := make(chan mqtt.Message, 8)
@@ -300,7 +300,7 @@ func TestServeNATSPersistentSessionGetsPushLater(t *testing.T) {
 // every request is answered exactly once.
 func TestServeNATSQueueGroupSharesLogins(t *testing.T) {
 	skipShort(t)
-	n := startNATS(t, "")
+	n := startNATSNode(t, "")
 	w1 := natsWorld(t, n, nil)
 	w2 := natsWorld(t, n, nil)
 	const devices = 40
@@ -378,7 +378,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // again; the session made before is still there.
 func TestServeNATSReconnects(t *testing.T) {
 	skipShort(t)
-	n := startNATS(t, "")
+	n := startNATSNode(t, "")
 	w := natsWorld(t, n, nil)
 	sig := w.sig("alice", time.Hour)
 	a := w.dial("alice", "inst-a", sig)
@@ -449,7 +449,7 @@ func writeTestPKI(t *testing.T, dir string) (ca, cert, key string) {
 func TestServeNATSTLS(t *testing.T) {
 	skipShort(t)
 	ca, cert, key := writeTestPKI(t, t.TempDir())
-	n := startNATS(t, fmt.Sprintf("tls { cert_file: %q, key_file: %q, ca_file: %q, verify: true }", cert, key, ca))
+	n := startNATSNode(t, fmt.Sprintf("tls { cert_file: %q, key_file: %q, ca_file: %q, verify: true }", cert, key, ca))
 	if nc, err := nats.Connect(strings.Replace(n.nats, "nats://", "tls://", 1), nats.RootCAs(ca), nats.NoReconnect()); err == nil {
 		nc.Close()
 		t.Fatal("the server took a client without a certificate: the test proves nothing")
