@@ -336,19 +336,25 @@ func TestServeNATSQueueGroupSharesLogins(t *testing.T) {
 	}
 	wg.Wait()
 	time.Sleep(500 * time.Millisecond) // a duplicate answer would be on its way
-	var l1, l2 struct{ Sessions []Session }
-	w1.getJSON("/v1/sessions", &l1)
-	w2.getJSON("/v1/sessions", &l2)
-	s1, s2 := l1.Sessions, l2.Sessions
-	if len(s1) == 0 || len(s2) == 0 || len(s1)+len(s2) != devices {
-		t.Errorf("sessions per gateway: %d and %d, want both > 0 and %d in all", len(s1), len(s2), devices)
-	}
-	seen := map[string]bool{}
-	for _, s := range append(s1, s2...) {
-		if seen[s.UserID] {
-			t.Errorf("%s has a session on both gateways", s.UserID)
+	// The state is the cluster's: both gateways list the whole fleet, each
+	// session once, while each counted only the logins it handled.
+	for _, w := range []*world{w1, w2} {
+		var l struct{ Sessions []Session }
+		w.getJSON("/v1/sessions", &l)
+		seen := map[string]bool{}
+		for _, s := range l.Sessions {
+			if seen[s.UserID] {
+				t.Errorf("%s has two sessions", s.UserID)
+			}
+			seen[s.UserID] = true
 		}
-		seen[s.UserID] = true
+		if len(seen) != devices {
+			t.Errorf("a gateway lists %d users' sessions, want %d", len(seen), devices)
+		}
+	}
+	n1, n2 := loginsOK(t, w1.metrics()), loginsOK(t, w2.metrics())
+	if n1 == 0 || n2 == 0 || n1+n2 != devices {
+		t.Errorf("logins per gateway: %d and %d, want both > 0 and %d in all", n1, n2, devices)
 	}
 	want := map[string]int{}
 	for i := range devices {
@@ -466,4 +472,20 @@ func TestServeNATSTLS(t *testing.T) {
 	if r := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}); r.Code != 0 {
 		t.Fatalf("login through a gateway on TLS: %+v", r)
 	}
+}
+
+// loginsOK reads chatgw_logins_total{code="0"} from a metrics page.
+func loginsOK(t *testing.T, metrics string) int {
+	t.Helper()
+	for _, line := range strings.Split(metrics, "\n") {
+		if v, ok := strings.CutPrefix(line, `chatgw_logins_total{code="0"} `); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				t.Fatalf("metrics line %q: %v", line, err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no chatgw_logins_total{code=\"0\"} in the metrics")
+	return 0
 }

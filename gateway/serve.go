@@ -26,7 +26,8 @@ type ServeConfig struct {
 	NATS NATSOptions
 	// KVBucket and KVReplicas name the JetStream key-value bucket of the
 	// gateways' shared state on NATS, and its replicas (default
-	// DefaultKVBucket, DefaultKVReplicas); see Run.
+	// DefaultKVBucket, and DefaultKVReplicas on a cluster, 1 on a
+	// standalone server); see Run.
 	KVBucket   string
 	KVReplicas int
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
@@ -99,6 +100,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			}
 			if replicas == 0 {
 				replicas = DefaultKVReplicas
+				if no.Conn.ConnectedClusterName() == "" {
+					replicas = 1 // a standalone server keeps one copy
+				}
 			}
 			st, err := openSharedState(ctx, js, KVOptions{Bucket: bucket, Replicas: replicas, Logger: log}, log)
 			if err != nil {

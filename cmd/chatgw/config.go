@@ -105,7 +105,7 @@ var options = []option{
 	{"nats_tls_key", "FILE", "client key file for the NATS servers", str(func(fc *fileConfig) *string { return &fc.NATSTLSKey })},
 	{"nats_queue", "NAME", "the queue group the fleet's gateways share on NATS (default chatgw)", str(func(fc *fileConfig) *string { return &fc.NATSQueue })},
 	{"nats_kv_bucket", "NAME", "the JetStream key-value bucket of the gateways' shared state (default chatgw)", str(func(fc *fileConfig) *string { return &fc.NATSKVBucket })},
-	{"nats_kv_replicas", "N", "replicas of that bucket, 1 to 5 (default 3)", func(fc *fileConfig, v string) error {
+	{"nats_kv_replicas", "N", "replicas of that bucket, 1 to 5 (default 3 on a cluster, 1 on a standalone server)", func(fc *fileConfig, v string) error {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
 			return fmt.Errorf("%q is not a positive whole number of replicas", v)

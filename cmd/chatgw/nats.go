@@ -116,10 +116,8 @@ func natsServeConfig(fc fileConfig, cfg *gateway.ServeConfig) error {
 	if !natsName.MatchString(cfg.KVBucket) {
 		return fmt.Errorf("nats_kv_bucket %q: use 1 to 64 letters, digits, '_' and '-'", cfg.KVBucket)
 	}
+	// 0: as many as the servers allow (see gateway.ServeConfig.KVReplicas).
 	cfg.KVReplicas = fc.NATSKVReplicas
-	if cfg.KVReplicas == 0 {
-		cfg.KVReplicas = gateway.DefaultKVReplicas
-	}
 	if cfg.KVReplicas > 5 {
 		return fmt.Errorf("nats_kv_replicas %d: JetStream keeps 1 to 5 replicas (3 on a three-node cluster)", cfg.KVReplicas)
 	}
