@@ -51,6 +51,9 @@ type options struct {
 	runs     int // repetitions; medians are reported
 	out      string
 	smoke    bool
+	only     string // comma-separated section names; "" runs all
+	idle     time.Duration
+	bins     *bins // the binaries run as processes
 }
 
 func main() {
@@ -60,6 +63,8 @@ func main() {
 	flag.IntVar(&o.runs, "runs", 3, "runs of each figure (medians are reported)")
 	flag.StringVar(&o.out, "out", "", "write the tables to this Markdown file (docs/benchmarks.md)")
 	flag.BoolVar(&o.smoke, "smoke", false, "tiny sizes: check that the suite runs, report nothing")
+	flag.DurationVar(&o.idle, "idle", time.Minute, "the idle footprint's window")
+	flag.StringVar(&o.only, "only", "", "run only these sections (comma-separated: "+strings.Join(sectionNames(), ",")+"); the file is not written")
 	flag.Parse()
 	if o.smoke {
 		o.devices, o.inflight, o.runs = 50, 16, 1
@@ -91,16 +96,24 @@ func (t table) markdown() string {
 }
 
 func run(ctx context.Context, o options) error {
+	var err error
+	if o.bins, err = buildBins(ctx); err != nil {
+		return err
+	}
+	defer os.RemoveAll(o.bins.dir)
 	var tables []table
-	for _, f := range []func(context.Context, options) (table, error){benchEngine, benchLogins, benchBrokerMemory} {
-		t, err := f(ctx, o)
+	for _, s := range sections {
+		if o.only != "" && !slices.Contains(strings.Split(o.only, ","), s.name) {
+			continue
+		}
+		t, err := s.run(ctx, o)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", s.name, err)
 		}
 		fmt.Println(t.markdown())
 		tables = append(tables, t)
 	}
-	if o.out == "" || o.smoke {
+	if o.out == "" || o.smoke || o.only != "" {
 		return nil
 	}
 	var b strings.Builder
@@ -118,6 +131,28 @@ func run(ctx context.Context, o options) error {
 	b.WriteString(strings.Replace(notYet, "## ", "### ", 1))
 	b.WriteString(sectionEnd + "\n")
 	return writeSection(o.out, b.String())
+}
+
+// sections are the suite's figures, in the order of the report.
+var sections = []struct {
+	name string
+	run  func(context.Context, options) (table, error)
+}{
+	{"engine", benchEngine},
+	{"logins", benchLogins},
+	{"memory", benchBrokerMemory},
+	{"chatd-login", benchChatdLogin},
+	{"recovery", benchRecovery},
+	{"idle", benchIdle},
+	{"size", benchSize},
+}
+
+func sectionNames() []string {
+	var n []string
+	for _, s := range sections {
+		n = append(n, s.name)
+	}
+	return n
 }
 
 // The suite's part of docs/benchmarks.md lies between these markers; the
@@ -255,6 +290,7 @@ func benchLogins(ctx context.Context, o options) (table, error) {
 		return loginResult{median(a), time.Duration(median(b)), time.Duration(median(c))}
 	}
 	g, b := med(gw), med(base)
+	measuredCapacity = g.rate
 	t.rows = [][]string{
 		{"chatgw (embedded broker, state file)", fmt.Sprintf("%.0f", g.rate), g.p50.Round(time.Millisecond / 10).String(), g.p99.Round(time.Millisecond / 10).String()},
 		{"do-nothing responder (baseline)", fmt.Sprintf("%.0f", b.rate), b.p50.Round(time.Millisecond / 10).String(), b.p99.Round(time.Millisecond / 10).String()},

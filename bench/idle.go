@@ -1,0 +1,151 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"chatd/usersig"
+)
+
+// --- chatd idle against a bare paho client ---
+
+// taskSwitches sums the voluntary and involuntary context switches of
+// every thread of pid: each is one time a thread went to sleep or was
+// preempted, so their growth over an idle window counts its wakeups.
+func taskSwitches(pid int) (float64, error) {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	if err != nil || len(tasks) == 0 {
+		return 0, fmt.Errorf("no threads of %d in /proc", pid)
+	}
+	var n float64
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			for _, k := range []string{"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"} {
+				if v, ok := strings.CutPrefix(line, k); ok {
+					x, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+					n += x
+				}
+			}
+		}
+	}
+	return n, nil
+}
+
+type idleFigures struct{ rss, wakeups float64 }
+
+// idleWindow measures pids over d: RSS at the end, wakeups per minute.
+func idleWindow(d time.Duration, pids ...int) ([]idleFigures, error) {
+	before := make([]float64, len(pids))
+	for i, p := range pids {
+		var err error
+		if before[i], err = taskSwitches(p); err != nil {
+			return nil, err
+		}
+	}
+	time.Sleep(d)
+	out := make([]idleFigures, len(pids))
+	for i, p := range pids {
+		after, err := taskSwitches(p)
+		if err != nil {
+			return nil, err
+		}
+		r, err := rss(p)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = idleFigures{rss: r, wakeups: (after - before[i]) / d.Minutes()}
+	}
+	return out, nil
+}
+
+// benchIdle is deliverable 6's idle figures: chatd logged in and idle
+// against a bare paho client, both connected to the same gateway at once,
+// measured over the same window.
+func benchIdle(ctx context.Context, o options) (table, error) {
+	window := o.idle
+	if o.smoke {
+		window = 2 * time.Second
+	}
+	t := table{title: "Idle footprint: chatd against a bare paho client",
+		note: fmt.Sprintf("chatd logged in and idle (keepalive 30 s, the default; log level info; no API caller), and beside it a bare paho client "+
+			"with chatd's connection settings (clean session, keepalive 30 s, ping timeout 4 s, ordered delivery, a Will), connected and subscribed, both to the "+
+			"same chatgw with its embedded broker and measured over the same %v window, after 5 s to settle. RSS is VmRSS at the end; wakeups are the context "+
+			"switches (voluntary and involuntary) of all threads over the window, from /proc/PID/task/*/status, per minute.", window),
+		header: []string{"", "RSS", "wakeups per minute"}}
+	w, err := newWorld(ctx, o.bins, false, nil)
+	if err != nil {
+		return t, err
+	}
+	defer w.close()
+	if err := w.startGateway(o.bins); err != nil {
+		return t, err
+	}
+	var cr, cw, br, bw []float64
+	for r := range o.runs {
+		f, err := idleRun(ctx, o, w, r, window)
+		if err != nil {
+			return t, err
+		}
+		cr, cw, br, bw = append(cr, f[0].rss), append(cw, f[0].wakeups), append(br, f[1].rss), append(bw, f[1].wakeups)
+	}
+	t.rows = [][]string{
+		{"chatd", kb(median(cr)), fmt.Sprintf("%.0f", median(cw))},
+		{"bare paho client (baseline)", kb(median(br)), fmt.Sprintf("%.0f", median(bw))},
+		{"ratio (targets 1.3x, 1.2x)", fmt.Sprintf("%.2fx", median(cr)/median(br)), fmt.Sprintf("%.2fx", median(cw)/median(bw))},
+	}
+	return t, nil
+}
+
+func idleRun(ctx context.Context, o options, w *world, r int, window time.Duration) ([]idleFigures, error) {
+	dir, err := os.MkdirTemp(w.dir, "idle-")
+	if err != nil {
+		return nil, err
+	}
+	user := fmt.Sprintf("idle%05d", r)
+	sig, err := usersig.Generate(appID, key, user, 24*time.Hour, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := chatdConfig(w, dir, user, "")
+	if err != nil {
+		return nil, err
+	}
+	// Log at info, as shipped.
+	b, _ := os.ReadFile(cfg)
+	os.WriteFile(cfg, []byte(strings.Replace(string(b), `level = "error"`, `level = "info"`, 1)), 0o644)
+	d, err := startChatd(ctx, o.bins, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer d.stop()
+	if _, _, err := d.login(ctx, user, sig); err != nil {
+		return nil, err
+	}
+	// chatd's event stream is closed for the window: it is an API caller.
+	d.cancel()
+	buser := fmt.Sprintf("bare%05d", r)
+	bsig, err := usersig.Generate(appID, key, buser, 24*time.Hour, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	bare, err := startProc(o.bins.bareclient, w.broker(), buser, bsig, "i-"+buser)
+	if err != nil {
+		return nil, err
+	}
+	defer bare.stop()
+	if !waitFor(10*time.Second, func() bool { return strings.Contains(bare.out.String(), "ready") || bare.exited() }) || bare.exited() {
+		return nil, errors.New("the bare client did not connect: " + bare.out.String())
+	}
+	time.Sleep(5 * time.Second)
+	return idleWindow(window, d.p.pid(), bare.pid())
+}
