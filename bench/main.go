@@ -569,7 +569,10 @@ func memoryRun(ctx context.Context, bin, keyFile, state string, n int) (idle, lo
 }
 
 // rss is a process's resident set size in bytes, from /proc.
-func rss(pid int) (float64, error) {
+func rss(pid int) (float64, error) { return procStatus(pid, "VmRSS:") }
+
+// procStatus reads a size field (kB) of /proc/PID/status, in bytes.
+func procStatus(pid int, field string) (float64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
@@ -577,12 +580,12 @@ func rss(pid int) (float64, error) {
 	defer f.Close()
 	s := bufio.NewScanner(f)
 	for s.Scan() {
-		if v, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(s.Text(), field); ok {
 			n, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
 			return n * 1024, err
 		}
 	}
-	return 0, errors.New("no VmRSS in /proc status")
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
 // moduleRoot is the directory of the module's go.mod, where the go
