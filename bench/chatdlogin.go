@@ -103,6 +103,7 @@ func rawRun(ctx context.Context, w *world, n int, viaGateway bool) (rawTimes, er
 		}
 	}
 	answers := make(chan mqtt.Message, 4)
+	tag := strconv.FormatInt(time.Now().UnixNano()%1e9, 36)
 	for i := range n {
 		// One client id, as a device has (the broker takes the last
 		// connection over); towards the real gateway a new one each time,
@@ -110,7 +111,9 @@ func rawRun(ctx context.Context, w *world, n int, viaGateway bool) (rawTimes, er
 		// after a logout is.
 		inst := "i-raw"
 		if viaGateway {
-			inst += "-" + strconv.Itoa(i)
+			// Unique across runs too: the gateway refuses a login from
+			// an instance that a later login kicked (6208).
+			inst = fmt.Sprintf("i-raw-%s-%d", tag, i)
 		}
 		t0 := time.Now()
 		c, err := dial(inst, answers)
@@ -124,14 +127,15 @@ func rawRun(ctx context.Context, w *world, n int, viaGateway bool) (rawTimes, er
 			return rt, err
 		}
 	}
-	c, err := dial("i-raw-rtt", answers)
+	rttInst := "i-raw-rtt-" + tag
+	c, err := dial(rttInst, answers)
 	if err != nil {
 		return rt, err
 	}
 	defer c.Disconnect(0)
 	for i := range n + 1 {
 		t0 := time.Now()
-		if err := request(c, "i-raw-rtt", answers, strconv.Itoa(i)); err != nil {
+		if err := request(c, rttInst, answers, strconv.Itoa(i)); err != nil {
 			return rt, err
 		}
 		if i > 0 { // the first warms the route up
