@@ -159,6 +159,10 @@ func idleRun(ctx context.Context, o options, w *world, r int, window time.Durati
 	if !waitFor(10*time.Second, func() bool { return strings.Contains(bare.out.String(), "ready") || bare.exited() }) || bare.exited() {
 		return nil, errors.New("the bare client did not connect: " + bare.out.String())
 	}
-	time.Sleep(5 * time.Second)
+	settle := 5 * time.Second
+	if o.smoke {
+		settle = time.Second
+	}
+	time.Sleep(settle)
 	return idleWindow(window, d.p.pid(), bare.pid())
 }
