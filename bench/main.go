@@ -21,6 +21,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -29,6 +30,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -51,15 +53,29 @@ type options struct {
 	runs     int // repetitions; medians are reported
 	out      string
 	smoke    bool
+	only     string // comma-separated section names; "" runs all
+	idle     time.Duration
+	procs    bool  // the logins figure's brokers as processes of their own
+	bins     *bins // the binaries run as processes
 }
 
 func main() {
+	if addr := os.Getenv(responderEnv); addr != "" {
+		if err := runResponder(addr); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: responder:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	var o options
 	flag.IntVar(&o.devices, "devices", 2000, "devices for the gateway login and broker memory figures")
 	flag.IntVar(&o.inflight, "inflight", 256, "logins in flight at once")
 	flag.IntVar(&o.runs, "runs", 3, "runs of each figure (medians are reported)")
 	flag.StringVar(&o.out, "out", "", "write the tables to this Markdown file (docs/benchmarks.md)")
 	flag.BoolVar(&o.smoke, "smoke", false, "tiny sizes: check that the suite runs, report nothing")
+	flag.BoolVar(&o.procs, "procs", false, "run the logins figure's brokers (chatgw, the responder) as processes of their own: needed where one process would hold more than the open-file limit (2 per device)")
+	flag.DurationVar(&o.idle, "idle", time.Minute, "the idle footprint's window")
+	flag.StringVar(&o.only, "only", "", "run only these sections (comma-separated: "+strings.Join(sectionNames(), ",")+"); the file is not written")
 	flag.Parse()
 	if o.smoke {
 		o.devices, o.inflight, o.runs = 50, 16, 1
@@ -91,16 +107,24 @@ func (t table) markdown() string {
 }
 
 func run(ctx context.Context, o options) error {
+	var err error
+	if o.bins, err = buildBins(ctx); err != nil {
+		return err
+	}
+	defer os.RemoveAll(o.bins.dir)
 	var tables []table
-	for _, f := range []func(context.Context, options) (table, error){benchEngine, benchLogins, benchBrokerMemory} {
-		t, err := f(ctx, o)
+	for _, s := range sections {
+		if o.only != "" && !slices.Contains(strings.Split(o.only, ","), s.name) {
+			continue
+		}
+		t, err := s.run(ctx, o)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", s.name, err)
 		}
 		fmt.Println(t.markdown())
 		tables = append(tables, t)
 	}
-	if o.out == "" || o.smoke {
+	if o.out == "" || o.smoke || o.only != "" {
 		return nil
 	}
 	var b strings.Builder
@@ -118,6 +142,28 @@ func run(ctx context.Context, o options) error {
 	b.WriteString(strings.Replace(notYet, "## ", "### ", 1))
 	b.WriteString(sectionEnd + "\n")
 	return writeSection(o.out, b.String())
+}
+
+// sections are the suite's figures, in the order of the report.
+var sections = []struct {
+	name string
+	run  func(context.Context, options) (table, error)
+}{
+	{"engine", benchEngine},
+	{"logins", benchLogins},
+	{"memory", benchBrokerMemory},
+	{"chatd-login", benchChatdLogin},
+	{"recovery", benchRecovery},
+	{"idle", benchIdle},
+	{"size", benchSize},
+}
+
+func sectionNames() []string {
+	var n []string
+	for _, s := range sections {
+		n = append(n, s.name)
+	}
+	return n
 }
 
 // The suite's part of docs/benchmarks.md lies between these markers; the
@@ -149,11 +195,11 @@ func writeSection(path, section string) error {
 // notYet lists the figures the suite does not measure yet.
 const notYet = `## Not measured by the suite yet
 
-chatd's login and resume round trip against a raw MQTT request/response
-through the same broker (and the disk's fdatasync floor); the same login on
-Mosquitto as shipped; a device's and a fleet's recovery after a gateway
-outage; chatd's idle RSS and wakeups against a bare paho client; the logins
-at 10,000 devices and on Mosquitto.
+The gateway's logins at scale on Mosquitto (the logins table is the
+embedded broker's). The logins and memory figures at 10,000 devices are
+not part of the default run: ` + "`go run ./bench -only logins,memory -devices 10000 -runs 1 -procs`" + `
+measures them (each broker in a process of its own, so that no process
+holds more than one end of each connection).
 `
 
 func median(xs []float64) float64 {
@@ -234,6 +280,11 @@ func benchLogins(ctx context.Context, o options) (table, error) {
 		note: "Every device is connected first; then all log in, " + strconv.Itoa(o.inflight) + " at a time. The baseline is a do-nothing responder " +
 			"on the same embedded broker, answering every request at once with a canned success (no UserSig check, no state).",
 		header: []string{"", "logins/s", "p50", "p99"}}
+	if o.procs {
+		t.note += " Each broker (chatgw, the responder) runs as a process of its own (`-procs`), the devices in the benchmark's."
+	} else {
+		t.note += " Brokers and devices run in the benchmark's process."
+	}
 	var gw, base []loginResult
 	for range o.runs {
 		r, err := loginRun(ctx, o, false)
@@ -255,6 +306,7 @@ func benchLogins(ctx context.Context, o options) (table, error) {
 		return loginResult{median(a), time.Duration(median(b)), time.Duration(median(c))}
 	}
 	g, b := med(gw), med(base)
+	measuredCapacity = g.rate
 	t.rows = [][]string{
 		{"chatgw (embedded broker, state file)", fmt.Sprintf("%.0f", g.rate), g.p50.Round(time.Millisecond / 10).String(), g.p99.Round(time.Millisecond / 10).String()},
 		{"do-nothing responder (baseline)", fmt.Sprintf("%.0f", b.rate), b.p50.Round(time.Millisecond / 10).String(), b.p99.Round(time.Millisecond / 10).String()},
@@ -277,7 +329,40 @@ func loginRun(ctx context.Context, o options, responder bool) (loginResult, erro
 	defer os.RemoveAll(dir)
 	var addr string
 	topics := mqtt.Topics{Prefix: mqtt.DefaultPrefix}
-	if responder {
+	switch {
+	case o.procs:
+		// The broker in a process of its own, so that each process holds
+		// one end of every connection (the open-file limit).
+		if addr, err = freeAddr(); err != nil {
+			return loginResult{}, err
+		}
+		var p *proc
+		if responder {
+			self, err := os.Executable()
+			if err != nil {
+				return loginResult{}, err
+			}
+			p, err = startProcEnv(self, []string{responderEnv + "=" + addr})
+			if err != nil {
+				return loginResult{}, err
+			}
+		} else {
+			keyFile := filepath.Join(dir, "key")
+			if err := os.WriteFile(keyFile, []byte(keyHex+"\n"), 0o600); err != nil {
+				return loginResult{}, err
+			}
+			p, err = startProc(o.bins.chatgw, "serve", "--sdkappid", strconv.Itoa(appID), "--key-file", keyFile, "--state", filepath.Join(dir, "gw.db"),
+				"--embedded-broker", addr, "--log-level", "error", "--device-rate", "1000")
+			if err != nil {
+				return loginResult{}, err
+			}
+		}
+		defer p.stop()
+		if !waitFor(20*time.Second, func() bool { return p.exited() || listening(addr) }) || p.exited() {
+			return loginResult{}, fmt.Errorf("the broker did not listen on %s: %s", addr, p.out.String())
+		}
+		time.Sleep(200 * time.Millisecond) // the gateway subscribes after the broker listens
+	case responder:
 		emb, err := gateway.StartEmbedded(gateway.EmbeddedOptions{Addr: "127.0.0.1:0", Topics: topics, SDKAppID: appID, Key: key, Logger: quiet, RateLimit: gateway.RateLimit{Rate: -1}})
 		if err != nil {
 			return loginResult{}, err
@@ -287,7 +372,7 @@ func loginRun(ctx context.Context, o options, responder bool) (loginResult, erro
 		if err := startResponder(ctx, emb, topics); err != nil {
 			return loginResult{}, err
 		}
-	} else {
+	default:
 		ready := make(chan net.Addr, 1)
 		done := make(chan error, 1)
 		go func() {
@@ -351,6 +436,26 @@ func loginRun(ctx context.Context, o options, responder bool) (loginResult, erro
 	}
 	slices.Sort(lat)
 	return loginResult{rate: float64(len(devs)) / elapsed.Seconds(), p50: lat[len(lat)/2], p99: lat[len(lat)*99/100]}, nil
+}
+
+// responderEnv makes the suite's binary the do-nothing responder on an
+// embedded broker listening at its value, for -procs.
+const responderEnv = "CHATD_BENCH_RESPONDER"
+
+func runResponder(addr string) error {
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer cancel()
+	topics := mqtt.Topics{Prefix: mqtt.DefaultPrefix}
+	emb, err := gateway.StartEmbedded(gateway.EmbeddedOptions{Addr: addr, Topics: topics, SDKAppID: appID, Key: key, Logger: quiet, RateLimit: gateway.RateLimit{Rate: -1}})
+	if err != nil {
+		return err
+	}
+	defer emb.Close()
+	if err := startResponder(ctx, emb, topics); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return nil
 }
 
 // startResponder answers every device request on the broker with a
@@ -533,7 +638,10 @@ func memoryRun(ctx context.Context, bin, keyFile, state string, n int) (idle, lo
 }
 
 // rss is a process's resident set size in bytes, from /proc.
-func rss(pid int) (float64, error) {
+func rss(pid int) (float64, error) { return procStatus(pid, "VmRSS:") }
+
+// procStatus reads a size field (kB) of /proc/PID/status, in bytes.
+func procStatus(pid int, field string) (float64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
@@ -541,12 +649,12 @@ func rss(pid int) (float64, error) {
 	defer f.Close()
 	s := bufio.NewScanner(f)
 	for s.Scan() {
-		if v, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(s.Text(), field); ok {
 			n, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
 			return n * 1024, err
 		}
 	}
-	return 0, errors.New("no VmRSS in /proc status")
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
 // moduleRoot is the directory of the module's go.mod, where the go

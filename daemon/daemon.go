@@ -105,8 +105,9 @@ type Daemon struct {
 	machineID func() string
 
 	inbox    chan Event
-	stopping chan struct{} // closed when Run starts to shut down
-	done     chan struct{} // closed when Run has returned
+	probe    chan chan struct{} // Probe's requests to turn
+	stopping chan struct{}      // closed when Run starts to shut down
+	done     chan struct{}      // closed when Run has returned
 	wg       sync.WaitGroup
 
 	// Owned by the state goroutine.
@@ -185,6 +186,7 @@ func New(o Options) (*Daemon, error) {
 		machineID:  o.MachineID,
 		notPersist: o.StateNotPersisted,
 		inbox:      make(chan Event, 64),
+		probe:      make(chan chan struct{}, 1),
 		stopping:   make(chan struct{}),
 		done:       make(chan struct{}),
 		conns:      map[uint64]Conn{},
@@ -207,8 +209,29 @@ func (d *Daemon) send(e Event) {
 // while it moves.
 func (d *Daemon) Alive() time.Time { return time.Unix(0, d.alive.Load()) }
 
-// Heartbeat bounds how long the state loop sleeps, so Alive stays fresh.
-const Heartbeat = 5 * time.Second
+// Probe makes the state goroutine turn and returns Alive once it has (or
+// after timeout, or when ctx ends): the watchdog asks before each ping, so
+// that the loop need not wake up on its own to look alive.
+func (d *Daemon) Probe(ctx context.Context, timeout time.Duration) time.Time {
+	turned := make(chan struct{})
+	select {
+	case d.probe <- turned:
+	default:
+		return d.Alive() // a probe is pending: the loop has not turned since
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-turned:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return d.Alive()
+}
+
+// Heartbeat bounds how long the state loop sleeps with nothing due; each
+// turn reads whether NTP has synchronised the system clock.
+const Heartbeat = 30 * time.Second
 
 func (d *Daemon) instant() Instant {
 	return Instant{Wall: d.clock.Now(), Mono: d.clock.Mono(), Synced: d.synced()}
@@ -281,6 +304,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			case <-timer.C():
 				ev = EvTick{}
 			case ev = <-d.inbox:
+			case turned := <-d.probe:
+				close(turned)
+				continue
 			}
 		}
 		d.exec(runCtx, d.m.handle(d.instant(), d.unwrap(ev)))

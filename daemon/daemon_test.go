@@ -964,3 +964,20 @@ func TestStateWriteFailureIsSurfaced(t *testing.T) {
 		t.Errorf("after the store healed: %+v", s)
 	}
 }
+
+// The watchdog's Probe makes the idle loop turn at once (Alive moves with
+// the loop's clock), without the loop waking up on its own.
+func TestProbeTurnsTheIdleLoop(t *testing.T) {
+	h := newHarness(t, nil)
+	h.login("dev-42", sigFor(t, "dev-42", start, 24*time.Hour))
+	h.untilStatus(client.Logined, true)
+	h.settle()
+	before := h.d.Alive()
+	h.clock.mu.Lock()
+	h.clock.now = h.clock.now.Add(time.Second) // moves Alive's clock, fires no timer
+	h.clock.mu.Unlock()
+	got := h.d.Probe(context.Background(), 10*time.Second)
+	if want := before.Add(time.Second); !got.Equal(want) {
+		t.Errorf("Probe returned Alive %v, want %v (the loop turned at the clock's new time)", got, want)
+	}
+}

@@ -1,9 +1,11 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
+	"syscall"
 	"time"
 
 	"chatd/client"
@@ -304,8 +306,12 @@ type machine struct {
 	online   bool // onConnectSuccess was emitted for this connection
 	resumed  bool // the session was confirmed by the last answer (a resume)
 
-	attempt  int
-	retryAt  time.Duration
+	attempt int
+	retryAt time.Duration
+	// lostAt is when a connection was last lost (lost: there was one):
+	// refused dials are retried within min_delay for probeFor after it.
+	lostAt   time.Duration
+	lost     bool
 	stableAt time.Duration
 	quick    int // connections lost right after CONNACK, in a row
 	// idRejects counts client-id refusals in a row (maxIDRejects).
@@ -765,6 +771,27 @@ func (m *machine) backoff() time.Duration {
 	return time.Duration(m.cfg.Rand(int64(ceil) + 1))
 }
 
+// probeFor is how long after a lost connection a refused dial is retried
+// within min_delay (dialDelay).
+const probeFor = time.Minute
+
+// dialDelay is the delay after a failed dial. While nothing listens at
+// the broker's address (connection refused: the broker, or the gateway
+// with its embedded broker, is restarting), for probeFor after the
+// connection was lost, the device retries within min_delay (full jitter)
+// instead of backing off further: a refused connect costs the server
+// only a reset, and the device is back within about min_delay of the
+// restart rather than after a backoff grown during the outage. Once the
+// gateway accepts connections again, a saturated one paces the fleet with
+// retry_after_ms. Any other failure, and refusals past probeFor, take
+// the doubling backoff.
+func (m *machine) dialDelay(err error) time.Duration {
+	if m.lost && m.now.Mono-m.lostAt < probeFor && errors.Is(err, syscall.ECONNREFUSED) {
+		return time.Duration(m.cfg.Rand(int64(m.cfg.MinDelay) + 1))
+	}
+	return m.backoff()
+}
+
 func (m *machine) helperBackoff() time.Duration {
 	ceil := m.cfg.MinDelay
 	for i := 1; i < m.helperTries && ceil < m.cfg.MaxDelay; i++ {
@@ -1172,7 +1199,7 @@ func (m *machine) onDialed(e EvDialed) {
 			m.refused(code, desc)
 			return
 		}
-		m.failed(code, desc, m.backoff())
+		m.failed(code, desc, m.dialDelay(e.Err))
 		return
 	}
 	m.ready = true
@@ -1248,6 +1275,7 @@ func (m *machine) onConnLost(e EvConnLost) {
 		return // the helper's result dials again
 	}
 	m.log(slog.LevelWarn, "lost the connection to the broker", "err", e.Err)
+	m.lostAt, m.lost = m.now.Mono, true
 	m.failed(codes.ServerTimeout, desc, m.backoff())
 }
 

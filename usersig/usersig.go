@@ -13,6 +13,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -283,11 +284,11 @@ func inflate(raw []byte) ([]byte, error) {
 	if len(raw) == 0 {
 		return nil, newError(CodeMalformed, "UserSig decodes to nothing: copy the whole UserSig, unchanged")
 	}
-	zr, err := zlib.NewReader(bytes.NewReader(raw))
+	zr, err := getInflater(raw)
 	if err != nil {
 		return nil, zlibError(err)
 	}
-	defer zr.Close()
+	defer inflaters.Put(zr)
 	js, err := io.ReadAll(io.LimitReader(zr, MaxJSONLen+1))
 	if err != nil {
 		return nil, zlibError(err)
@@ -296,6 +297,23 @@ func inflate(raw []byte) ([]byte, error) {
 		return nil, newError(CodeMalformed, "UserSig decompresses to more than %d bytes: it is not a UserSig", MaxJSONLen)
 	}
 	return js, nil
+}
+
+// inflaters keeps zlib readers for reuse: a new one allocates its 32 KiB
+// window and tables, most of what a login's Verify would otherwise cost.
+var inflaters sync.Pool
+
+// getInflater returns a zlib reader of raw, reused from inflaters when one
+// is there. Reset starts every reader afresh, whatever its last stream did.
+func getInflater(raw []byte) (io.ReadCloser, error) {
+	if zr, ok := inflaters.Get().(io.ReadCloser); ok {
+		if err := zr.(zlib.Resetter).Reset(bytes.NewReader(raw), nil); err != nil {
+			inflaters.Put(zr)
+			return nil, err
+		}
+		return zr, nil
+	}
+	return zlib.NewReader(bytes.NewReader(raw))
 }
 
 func zlibError(err error) *Error {

@@ -16,6 +16,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"chatd/daemon"
 	"chatd/systemd"
@@ -112,8 +113,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Ready:    notify.Ready,
 		OnStatus: notify.Status,
 		Started: func(d *daemon.Daemon) {
-			// A loop that has not turned for four heartbeats is wedged.
-			go systemd.Watchdog(ctx, d.Alive, 4*daemon.Heartbeat, log)
+			// Before each ping the watchdog makes the loop turn; a loop
+			// that has not turned for 20 s is wedged.
+			go systemd.Watchdog(ctx, func() time.Time { return d.Probe(ctx, 5*time.Second) }, 20*time.Second, log)
 		},
 	})
 	notify.Stopping()
