@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -93,8 +94,11 @@ func (w *world) stop() {
 		if err != nil {
 			w.t.Errorf("gateway returned %v", err)
 		}
-	case <-time.After(10 * time.Second):
-		w.t.Error("gateway did not stop within 10s")
+	case <-time.After(30 * time.Second):
+		// A bound on a stall, not on speed: the race detector on a busy
+		// machine has taken over 10 s.
+		buf := make([]byte, 1<<20)
+		w.t.Errorf("gateway did not stop within 30s; goroutines:\n%s", buf[:runtime.Stack(buf, true)])
 	}
 	w.cancel = nil
 }
