@@ -1,0 +1,363 @@
+//go:build cluster
+
+package natstest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"chatd/internal/proctest"
+	"chatd/mqtt"
+)
+
+// These tests check the fixture itself, and with it the shipped
+// configuration: the cluster comes up, survives kill -9 and a partition,
+// carries MQTT between nodes, and keeps an R3 key-value bucket whole.
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	Cleanup()
+	os.Exit(code)
+}
+
+var topics = mqtt.Topics{Prefix: mqtt.DefaultPrefix}
+
+func accounts() Accounts {
+	return Accounts{
+		Gateway: User{"chatgw", "gw-secret"},
+		Devices: []User{{"dev-1", "dev-1-secret"}, {"dev-2", "dev-2-secret"}},
+		System:  User{"sys", "sys-secret"},
+	}
+}
+
+func connect(t *testing.T, n *Node, opts ...nats.Option) *nats.Conn {
+	t.Helper()
+	opts = append([]nats.Option{nats.UserInfo("chatgw", "gw-secret"), nats.Timeout(5 * time.Second)}, opts...)
+	nc, err := nats.Connect(n.ClientURL(), opts...)
+	if err != nil {
+		t.Fatalf("connecting to %s: %v", n.Name, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// The shipped configuration passes nats-server's own check with each
+// shipped node's values.
+func TestShippedConfigurationChecks(t *testing.T) {
+	bin := Binary(t)
+	root := proctest.ModuleRoot(t)
+	dir := t.TempDir()
+	conf, _ := os.ReadFile(filepath.Join(root, "build", "nats", "nats-server.conf"))
+	os.WriteFile(filepath.Join(dir, "nats-server.conf"), conf, 0o644)
+	if err := accounts().Write(filepath.Join(dir, "accounts.conf")); err != nil {
+		t.Fatal(err)
+	}
+	envs, _ := filepath.Glob(filepath.Join(root, "build", "nats", "node-*.env"))
+	if len(envs) != 3 {
+		t.Fatalf("build/nats has %d node-*.env files, want 3", len(envs))
+	}
+	for _, f := range envs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var env []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+				env = append(env, strings.Replace(l, "NATS_STORE_DIR=/var/lib/nats/jetstream", "NATS_STORE_DIR="+filepath.Join(dir, "js"), 1))
+			}
+		}
+		cmd := exec.Command(bin, "-c", filepath.Join(dir, "nats-server.conf"), "-t")
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "is valid") {
+			t.Errorf("%s: nats-server -t: %v\n%s", filepath.Base(f), err, out)
+		}
+	}
+	// And a broken value is refused, so the check above can fail.
+	cmd := exec.Command(bin, "-c", filepath.Join(dir, "nats-server.conf"), "-t")
+	cmd.Env = append(os.Environ(), "NATS_SERVER_NAME=x", "NATS_HOST=127.0.0.1", "NATS_CLIENT_PORT=notaport")
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Errorf("nats-server -t accepted a configuration without its values:\n%s", out)
+	}
+}
+
+func TestClusterUp(t *testing.T) {
+	c := Start(t, Options{Accounts: accounts()})
+	leader := c.WaitMetaLeader(t, 10*time.Second)
+	if c.Node(leader) == nil {
+		t.Fatalf("meta leader %q is not one of the nodes", leader)
+	}
+	for _, n := range c.Nodes {
+		m, err := n.Meta()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Routes != 2 || m.Leader != leader || !m.JSOnline {
+			t.Errorf("%s: %+v, want routes to 2 nodes and leader %s", n.Name, m, leader)
+		}
+	}
+	// The accounts include is in force: a wrong password is refused.
+	if _, err := nats.Connect(c.Nodes[0].ClientURL(), nats.UserInfo("chatgw", "wrong")); err == nil {
+		t.Error("a wrong password was accepted")
+	}
+}
+
+// mqttDevice connects as a device user to one node's MQTT listener.
+func mqttDevice(t *testing.T, url, user, pass, inst string) paho.Client {
+	t.Helper()
+	o := paho.NewClientOptions().AddBroker(url).SetClientID(inst).SetUsername(user).SetPassword(pass).
+		SetAutoReconnect(false).SetConnectTimeout(10 * time.Second).SetCleanSession(false)
+	c := paho.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
+		t.Fatalf("%s: MQTT connect to %s: %v", user, url, tok.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return c
+}
+
+func TestMQTTThroughAnyNode(t *testing.T) {
+	c := Start(t, Options{Accounts: accounts()})
+	// The gateway side: a queue subscription on the up subjects, on n2.
+	gw := connect(t, c.Nodes[2])
+	ups := make(chan *nats.Msg, 16)
+	if _, err := gw.ChanQueueSubscribe("chat.v1.up.*.*", "chatgw", ups); err != nil {
+		t.Fatal(err)
+	}
+	gw.Flush()
+	// A device on n0.
+	dev := mqttDevice(t, c.Nodes[0].MQTTURL(), "dev-1", "dev-1-secret", "i1")
+	downs := make(chan string, 16)
+	if tok := dev.Subscribe(topics.Down("dev-1", "i1"), 1, func(_ paho.Client, m paho.Message) { downs <- string(m.Payload()) }); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	if tok := dev.Publish(topics.Up("dev-1", "i1"), 1, false, "hello up"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("publish: %v", tok.Error())
+	}
+	select {
+	case m := <-ups:
+		if m.Subject != "chat.v1.up.dev-1.i1" || string(m.Data) != "hello up" {
+			t.Errorf("gateway got %q on %s", m.Data, m.Subject)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the device's up message did not reach the gateway on another node")
+	}
+	// Down: the interest of an MQTT subscription on n0 reaches n2 through
+	// the routes (wait for it: it propagates asynchronously).
+	proctest.Wait(t, 10*time.Second, "the down message at the device", func() bool {
+		gw.Publish("chat.v1.down.dev-1.i1", []byte("hello down"))
+		select {
+		case m := <-downs:
+			return m == "hello down"
+		case <-time.After(200 * time.Millisecond):
+			return false
+		}
+	})
+
+	t.Run("a device is confined to its own subjects", func(t *testing.T) {
+		spy := make(chan string, 16)
+		if tok := dev.Subscribe(topics.Down("dev-2", "x"), 1, func(_ paho.Client, m paho.Message) { spy <- string(m.Payload()) }); tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
+			// paho reports a refused subscription only in the SUBACK code.
+			if st, ok := tok.(*paho.SubscribeToken); ok && st.Result()[topics.Down("dev-2", "x")] != 0x80 {
+				t.Errorf("subscribing to another device's down topic: granted %v", st.Result())
+			}
+		}
+		gw.Publish("chat.v1.down.dev-2.x", []byte("for dev-2"))
+		dev.Publish(topics.Up("dev-2", "x"), 1, false, "forged")
+		dev2 := mqttDevice(t, c.Nodes[1].MQTTURL(), "dev-2", "dev-2-secret", "i2")
+		if tok := dev2.Publish(topics.Up("dev-2", "i2"), 1, false, "genuine"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish: %v", tok.Error())
+		}
+		// Messages on one subject keep their order; the genuine one comes
+		// after any forged one would have.
+		timeout := time.After(10 * time.Second)
+		for done := false; !done; {
+			select {
+			case m := <-ups:
+				if string(m.Data) == "forged" {
+					t.Errorf("dev-1 published on dev-2's up subject %s", m.Subject)
+				}
+				done = string(m.Data) == "genuine"
+			case <-timeout:
+				t.Fatal("dev-2's own message did not arrive")
+			}
+		}
+		select {
+		case m := <-spy:
+			t.Errorf("dev-1 received dev-2's down message %q", m)
+		case <-time.After(300 * time.Millisecond):
+		}
+	})
+}
+
+func kv(t *testing.T, nc *nats.Conn, bucket string, create bool) jetstream.KeyValue {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if create {
+		k, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Replicas: 3, History: 1})
+		if err != nil {
+			t.Fatalf("creating bucket %s: %v", bucket, err)
+		}
+		return k
+	}
+	k, err := js.KeyValue(ctx, bucket)
+	if err != nil {
+		t.Fatalf("bucket %s: %v", bucket, err)
+	}
+	return k
+}
+
+// put retries a put until it succeeds (an election after a node's death
+// takes a few seconds) and returns its revision.
+func put(t *testing.T, k jetstream.KeyValue, key, value string, within time.Duration) uint64 {
+	t.Helper()
+	var rev uint64
+	var last error
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		rev, last = k.Put(ctx, key, []byte(value))
+		cancel()
+		if last == nil {
+			return rev
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("put %s: %v", key, last)
+	return 0
+}
+
+func get(k jetstream.KeyValue, key string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	e, err := k.Get(ctx, key)
+	if err != nil {
+		return "", err
+	}
+	return string(e.Value()), nil
+}
+
+const bucket = "fixture"
+const stream = "KV_" + bucket
+
+// waitReplica waits until node n's replica of the bucket's stream holds
+// lastSeq.
+func waitReplica(t *testing.T, n *Node, lastSeq uint64) {
+	t.Helper()
+	var st StreamState
+	proctest.Wait(t, 30*time.Second, fmt.Sprintf("%s's replica at sequence %d", n.Name, lastSeq), func() bool {
+		st, _ = n.Stream(stream)
+		return st.Found && st.LastSeq == lastSeq
+	})
+}
+
+func TestNodeKillAndRestartKeepTheKV(t *testing.T) {
+	c := Start(t, Options{Accounts: accounts()})
+	nc := connect(t, c.Nodes[0], nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	// The client knows every node, so it moves when its node dies.
+	nc.Close()
+	nc, err := nats.Connect(c.ClientURLs(), nats.UserInfo("chatgw", "gw-secret"), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	k := kv(t, nc, bucket, true)
+	var last uint64
+	for i := range 20 {
+		last = put(t, k, fmt.Sprintf("k%d", i), fmt.Sprintf("v%d", i), 10*time.Second)
+	}
+	for _, n := range c.Nodes {
+		waitReplica(t, n, last)
+	}
+	// Kill the stream's leader: the worst node to lose.
+	st, err := c.Nodes[0].Stream(stream)
+	if err != nil || st.Leader == "" {
+		t.Fatalf("stream state: %+v %v", st, err)
+	}
+	victim := c.Node(st.Leader)
+	victim.Kill()
+	// Reads may fail while the client moves and a new leader is elected,
+	// then every value is there.
+	proctest.Wait(t, 30*time.Second, "the bucket readable after the kill", func() bool {
+		_, err := get(k, "k0")
+		return err == nil
+	})
+	// Writes go on with two of three.
+	last = put(t, k, "after-kill", "yes", 30*time.Second)
+	for i := range 20 {
+		if v, err := get(k, fmt.Sprintf("k%d", i)); err != nil || v != fmt.Sprintf("v%d", i) {
+			t.Errorf("k%d with %s dead: %q %v", i, victim.Name, v, err)
+		}
+	}
+	victim.Restart()
+	// The restarted node catches up with the write it missed.
+	waitReplica(t, victim, last)
+	if v, err := get(k, "after-kill"); err != nil || v != "yes" {
+		t.Errorf("after-kill: %q %v", v, err)
+	}
+}
+
+func TestPartitionedNodeRefusesWritesAndCatchesUp(t *testing.T) {
+	c := Start(t, Options{Accounts: accounts()})
+	maj := connect(t, c.Nodes[0])
+	k := kv(t, maj, bucket, true)
+	last := put(t, k, "before", "1", 10*time.Second)
+	for _, n := range c.Nodes {
+		waitReplica(t, n, last)
+	}
+	cutNode := c.Nodes[2]
+	min := connect(t, cutNode, nats.NoReconnect())
+	kmin := kv(t, min, bucket, false)
+	dev := mqttDevice(t, cutNode.MQTTURL(), "dev-1", "dev-1-secret", "i1")
+
+	heal := c.Partition(2)
+	healed := false
+	defer func() {
+		if !healed {
+			heal()
+		}
+	}()
+	start := time.Now()
+	proctest.Wait(t, 40*time.Second, "n2 to lose its routes", func() bool { return cutNode.Routes() == 0 })
+	proctest.Wait(t, 40*time.Second, "n0 and n1 to see only each other", func() bool {
+		return c.Nodes[0].Routes() == 1 && c.Nodes[1].Routes() == 1
+	})
+	t.Logf("the routes were down %s after the cut", time.Since(start).Round(time.Second))
+	// The majority writes (after electing a new leader if n2 led).
+	last = put(t, k, "during", "2", 30*time.Second)
+	// The minority side cannot: nothing it acknowledges could be lost.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	_, err := kmin.Put(ctx, "minority", []byte("x"))
+	cancel()
+	if err == nil {
+		t.Error("the partitioned node acknowledged a write")
+	}
+	if !dev.IsConnectionOpen() {
+		t.Error("the device on the partitioned node lost its connection")
+	}
+	heal()
+	healed = true
+	c.WaitMetaLeader(t, 60*time.Second)
+	waitReplica(t, cutNode, last)
+	if v, err := get(k, "minority"); err == nil {
+		t.Errorf("the refused write exists after the heal: %q", v)
+	}
+	if v, err := get(kmin, "during"); err != nil || v != "2" {
+		t.Errorf("the majority's write, read on the healed node: %q %v", v, err)
+	}
+}
