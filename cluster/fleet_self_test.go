@@ -73,7 +73,7 @@ func TestSimulatedDevice(t *testing.T) {
 // moves to the next node in its broker list when that node is killed.
 // (No gateway answers here, so it stays logging in; the scenarios log in.)
 func TestChatdConnectsToTheClusterAndFailsOver(t *testing.T) {
-	e := newClusterEnv(t, []string{"dev-1"})
+	e := newClusterEnv(t, []string{"dev-1"}, 3)
 	d := e.chatd("d", "dev-1", 1, 2, 0)
 	// chatd's status says connected once the gateway answers; the nodes
 	// say who is connected to them.

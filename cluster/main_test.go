@@ -68,7 +68,7 @@ func requireNATSGateway(t testing.TB) {
 
 // env is a cluster with its gateways, the key and the device credentials.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	keyFile string
 	gwPass  string
@@ -76,20 +76,23 @@ type env struct {
 	c       *natstest.Cluster
 	users   map[string]string // device user -> NATS password
 	broker  string            // without a cluster: the embedded broker's URL
+	// replicas is the gateways' --nats-kv-replicas (3; 1 on one node).
+	replicas int
 }
 
 // newEnv starts a three-node cluster whose accounts include knows the
 // given device users.
-func newEnv(t *testing.T, users []string) *env {
+func newEnv(t testing.TB, users []string) *env {
 	t.Helper()
 	requireNATSGateway(t)
-	return newClusterEnv(t, users)
+	return newClusterEnv(t, users, 3)
 }
 
-// newClusterEnv is newEnv for the tests that need no gateway on NATS.
-func newClusterEnv(t *testing.T, users []string) *env {
+// newClusterEnv is newEnv for the tests that need no gateway on NATS,
+// on nodes nodes (1: a standalone server).
+func newClusterEnv(t testing.TB, users []string, nodes int) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), users: map[string]string{}}
+	e := &env{t: t, dir: t.TempDir(), users: map[string]string{}, replicas: min(nodes, 3)}
 	e.keyFile = filepath.Join(e.dir, "key")
 	if err := os.WriteFile(e.keyFile, []byte(keyText), 0o600); err != nil {
 		t.Fatal(err)
@@ -107,7 +110,7 @@ func newClusterEnv(t *testing.T, users []string) *env {
 	script := fmt.Sprintf("#!/bin/sh\nexec %s usersig gen --sdkappid %d --key-file %s --user \"$CHATD_USER_ID\" --expire 86400\n",
 		proctest.Binary(t, "chatgw"), appID, e.keyFile)
 	os.WriteFile(e.helper, []byte(script), 0o755)
-	e.c = natstest.Start(t, natstest.Options{Accounts: acc})
+	e.c = natstest.Start(t, natstest.Options{Nodes: nodes, Accounts: acc})
 	return e
 }
 
@@ -151,7 +154,7 @@ func (e *env) gateway(name string, nodes ...int) *gateway {
 	g := &gateway{name: name, admin: filepath.Join(e.dir, name+".sock")}
 	g.p = proctest.Start(e.t, proctest.Binary(e.t, "chatgw"), "serve", "--sdkappid", strconv.Itoa(appID), "--key-file", e.keyFile,
 		"--nats", urls, "--nats-user", "chatgw", "--nats-password-file", e.gwPass,
-		"--nats-kv-bucket", bucket, "--nats-kv-replicas", "3",
+		"--nats-kv-bucket", bucket, "--nats-kv-replicas", strconv.Itoa(e.replicas),
 		"--admin", g.admin, "--log-level", "debug")
 	g.waitReady(e.t)
 	return g
@@ -218,7 +221,7 @@ func (g *gateway) kick(t testing.TB, user string) {
 
 // chatd is one real device.
 type chatd struct {
-	t    *testing.T
+	t    testing.TB
 	name string
 	p    *proctest.Proc
 	c    *client.Client
@@ -295,7 +298,7 @@ func sig(t testing.TB, user string) string {
 // checkSessions asserts that the gateway lists exactly the sessions the
 // devices hold (user/instance -> session id): no duplicate, none missing,
 // none the devices do not hold.
-func checkSessions(t *testing.T, g *gateway, held map[string]string) {
+func checkSessions(t testing.TB, g *gateway, held map[string]string) {
 	t.Helper()
 	listed := map[string][]string{}
 	for _, s := range g.sessions(t) {

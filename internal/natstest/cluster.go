@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,7 +23,9 @@ import (
 
 // Options says what cluster to start.
 type Options struct {
-	// Nodes is the number of nodes (default 3).
+	// Nodes is the number of nodes (default 3). A single node runs
+	// standalone: the configuration without its cluster block (nats-server
+	// refuses clustered JetStream without routes).
 	Nodes int
 	// Accounts is written as the accounts include (accounts.conf) next to
 	// the configuration, unless AccountsFile names an include to use as
@@ -94,6 +97,10 @@ func ConfigFile(t testing.TB) string {
 	return filepath.Join(proctest.ModuleRoot(t), "build", "nats", "nats-server.conf")
 }
 
+// clusterBlock is the configuration's cluster { ... } block, up to the
+// first line that is a closing brace.
+var clusterBlock = regexp.MustCompile(`(?ms)^cluster \{.*?^\}\n`)
+
 // Start starts the cluster from the shipped configuration and waits until
 // it has a JetStream meta leader that every node follows; t.Cleanup stops
 // it (showing the nodes' logs if the test failed).
@@ -107,6 +114,12 @@ func Start(t testing.TB, o Options) *Cluster {
 	conf, err := os.ReadFile(ConfigFile(t))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.Nodes == 1 {
+		conf = clusterBlock.ReplaceAll(conf, nil)
+		if bytes.Contains(conf, []byte("NATS_ROUTES")) {
+			t.Fatalf("%s: could not remove the cluster block for a single node", ConfigFile(t))
+		}
 	}
 	if err := os.WriteFile(filepath.Join(c.Dir, "nats-server.conf"), conf, 0o644); err != nil {
 		t.Fatal(err)
@@ -471,7 +484,8 @@ func (n *Node) Healthy() error {
 }
 
 // WaitMetaLeader waits until every running node has a route to every
-// other running node, follows the same meta leader and reports healthy.
+// other running node, follows the same meta leader and reports healthy
+// (a standalone node: until it reports healthy), and returns the leader.
 func (c *Cluster) WaitMetaLeader(t testing.TB, within time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(within)
@@ -494,6 +508,18 @@ func (c *Cluster) metaLeader() (string, error) {
 		if n.Running() {
 			running = append(running, n)
 		}
+	}
+	if len(c.Nodes) == 1 && len(running) == 1 {
+		// Standalone: no meta group; JetStream on and healthy is enough.
+		n := running[0]
+		m, err := n.Meta()
+		if err != nil {
+			return "", err
+		}
+		if !m.JSOnline {
+			return "", fmt.Errorf("%s has JetStream disabled", n.Name)
+		}
+		return n.Name, n.Healthy()
 	}
 	leader := ""
 	for _, n := range running {

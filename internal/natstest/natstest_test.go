@@ -361,3 +361,23 @@ func TestPartitionedNodeRefusesWritesAndCatchesUp(t *testing.T) {
 		t.Errorf("the majority's write, read on the healed node: %q %v", v, err)
 	}
 }
+
+// One node (the capacity benchmark's baseline): JetStream with R1.
+func TestSingleNode(t *testing.T) {
+	c := Start(t, Options{Nodes: 1, Accounts: accounts()})
+	nc := connect(t, c.Nodes[0])
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	k, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Replicas: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, k, "a", "1", 10*time.Second)
+	if v, err := get(k, "a"); err != nil || v != "1" {
+		t.Errorf("get: %q %v", v, err)
+	}
+}
