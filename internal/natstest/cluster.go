@@ -605,3 +605,27 @@ func (n *Node) Stream(stream string) (StreamState, error) {
 	}
 	return StreamState{}, nil
 }
+
+// MQTTClients returns the MQTT client ids connected to the node (from
+// /connz), or an error when the node does not answer.
+func (n *Node) MQTTClients() (map[string]bool, error) {
+	b, err := n.get("/connz?limit=100000")
+	if err != nil {
+		return nil, err
+	}
+	var cz struct {
+		Conns []struct {
+			MQTTClient string `json:"mqtt_client"`
+		} `json:"connections"`
+	}
+	if err := json.Unmarshal(b, &cz); err != nil {
+		return nil, fmt.Errorf("/connz of %s: %w", n.Name, err)
+	}
+	ids := map[string]bool{}
+	for _, c := range cz.Conns {
+		if c.MQTTClient != "" {
+			ids[c.MQTTClient] = true
+		}
+	}
+	return ids, nil
+}
