@@ -30,11 +30,13 @@ type sim struct {
 	session string
 	kicks   atomic.Int32
 	seq     atomic.Int64
+	// subscribed: the current connection has its down subscription.
+	subscribed atomic.Bool
 }
 
 // sim connects a simulated device to the MQTT listeners of the given
-// nodes (tried in order; with more than one it reconnects to the next
-// when its node dies).
+// nodes (tried in order); like chatd it reconnects when it loses its
+// connection, to the next node when its own does not answer.
 func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 	t.Helper()
 	d := &sim{user: user, inst: inst, sig: sig(t, user), waiting: map[string]chan mqtt.Message{}}
@@ -45,7 +47,7 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 	}
 	o := paho.NewClientOptions().SetClientID(inst).SetUsername(user).SetPassword(pass).
 		SetCleanSession(true).SetConnectTimeout(10 * time.Second).SetKeepAlive(5 * time.Second).
-		SetAutoReconnect(len(nodes) > 1).SetMaxReconnectInterval(500 * time.Millisecond).SetConnectRetry(false).
+		SetAutoReconnect(true).SetMaxReconnectInterval(500 * time.Millisecond).SetConnectRetry(false).
 		SetOrderMatters(false)
 	for _, i := range nodes {
 		if e.c == nil {
@@ -54,20 +56,57 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 		}
 		o.AddBroker(e.c.Nodes[i].MQTTURL())
 	}
+	// Every connection subscribes again (a clean session keeps nothing),
+	// retrying a refused subscription as chatd does (nats-server refuses
+	// one while the stream behind it elects a leader).
 	o.SetOnConnectHandler(func(c paho.Client) {
-		c.Subscribe(topics.Down(user, inst), 1, d.handle)
+		for c.IsConnectionOpen() {
+			tok := c.Subscribe(topics.Down(user, inst), 1, d.handle)
+			if tok.WaitTimeout(10*time.Second) && tok.Error() == nil && subGranted(tok) {
+				d.subscribed.Store(true)
+				return
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	})
+	o.SetConnectionLostHandler(func(paho.Client, error) { d.subscribed.Store(false) })
 	d.c = paho.NewClient(o)
 	if tok := d.c.Connect(); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
 		t.Fatalf("%s/%s: MQTT connect: %v", user, inst, tok.Error())
 	}
 	t.Cleanup(func() { d.c.Disconnect(0) })
-	// The subscription is made in the connect handler; wait for it with
-	// one of our own (paho orders them on the connection).
-	if tok := d.c.Subscribe(topics.Down(user, inst), 1, d.handle); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-		t.Fatalf("%s/%s: subscribe: %v", user, inst, tok.Error())
+	if !d.waitSubscribed(30 * time.Second) {
+		t.Fatalf("%s/%s: no subscription to its down topic within 30s", user, inst)
 	}
 	return d
+}
+
+// subGranted says whether the broker granted every topic of a
+// subscription (a refused one is 0x80 in the SUBACK).
+func subGranted(tok paho.Token) bool {
+	st, ok := tok.(*paho.SubscribeToken)
+	if !ok {
+		return false
+	}
+	for _, q := range st.Result() {
+		if q == 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// waitSubscribed waits (bounded) until the device is connected and
+// subscribed to its down topic.
+func (d *sim) waitSubscribed(within time.Duration) bool {
+	deadline := time.Now().Add(within)
+	for !d.subscribed.Load() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return true
 }
 
 func (d *sim) handle(_ paho.Client, m paho.Message) {
@@ -102,6 +141,11 @@ var errNoAnswer = errors.New("no answer")
 
 // request sends one request and waits (bounded) for its result.
 func (d *sim) request(m mqtt.Message, within time.Duration) (mqtt.Message, error) {
+	start := time.Now()
+	if !d.waitSubscribed(within) {
+		return mqtt.Message{}, errNoAnswer
+	}
+	within -= time.Since(start)
 	m.ID = fmt.Sprintf("%s-%d", d.inst, d.seq.Add(1))
 	ch := make(chan mqtt.Message, 1)
 	d.mu.Lock()
@@ -223,5 +267,32 @@ func loginAll(t *testing.T, devs []*sim, inflight int, within time.Duration, eac
 	}
 	if n > 10 {
 		t.Errorf("... %d devices in all did not log in", n)
+	}
+}
+
+// resumeAll resumes every device's session at once, each within its own
+// deadline, and fails the test for any that does not get the session it
+// holds back.
+func resumeAll(t testing.TB, devs []*sim, within time.Duration) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(devs))
+	for _, d := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), within)
+			defer cancel()
+			s := d.Session()
+			r, err := d.resume(ctx)
+			if err != nil || r.Code != 0 || r.Session != s {
+				errs <- fmt.Errorf("%s: resume: %+v %v (held %s)", d.user, r, err, s)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }

@@ -21,6 +21,10 @@ import (
 	"chatd/internal/proctest"
 )
 
+// LogDirEnv names the variable that, set to a directory, makes a failed
+// test write each node's whole output there.
+const LogDirEnv = "NATSTEST_LOGDIR"
+
 // Options says what cluster to start.
 type Options struct {
 	// Nodes is the number of nodes (default 3). A single node runs
@@ -379,8 +383,15 @@ func (c *Cluster) stopAll() {
 		c.refuser.ln.Close()
 	}
 	if c.t.Failed() {
+		dir := os.Getenv(LogDirEnv)
 		for _, n := range c.Nodes {
-			c.t.Logf("nats-server %s output:\n%s", n.Name, tail(n.Log(), 200))
+			c.t.Logf("nats-server %s output (its last 200 lines):\n%s", n.Name, tail(n.Log(), 200))
+			if dir != "" {
+				p := filepath.Join(dir, fmt.Sprintf("%s-%s.log", strings.ReplaceAll(c.t.Name(), "/", "_"), n.Name))
+				if err := os.WriteFile(p, []byte(n.Log()), 0o644); err == nil {
+					c.t.Logf("nats-server %s's whole output: %s", n.Name, p)
+				}
+			}
 		}
 	}
 }

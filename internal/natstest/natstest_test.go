@@ -116,8 +116,16 @@ func TestClusterUp(t *testing.T) {
 // mqttDevice connects as a device user to one node's MQTT listener.
 func mqttDevice(t *testing.T, url, user, pass, inst string) paho.Client {
 	t.Helper()
+	return mqttDeviceOpts(t, url, user, pass, inst, nil)
+}
+
+func mqttDeviceOpts(t *testing.T, url, user, pass, inst string, opt func(*paho.ClientOptions)) paho.Client {
+	t.Helper()
 	o := paho.NewClientOptions().AddBroker(url).SetClientID(inst).SetUsername(user).SetPassword(pass).
-		SetAutoReconnect(false).SetConnectTimeout(10 * time.Second).SetCleanSession(false)
+		SetAutoReconnect(false).SetConnectTimeout(10 * time.Second).SetCleanSession(true).SetProtocolVersion(4)
+	if opt != nil {
+		opt(o)
+	}
 	c := paho.NewClient(o)
 	if tok := c.Connect(); !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
 		t.Fatalf("%s: MQTT connect to %s: %v", user, url, tok.Error())
@@ -324,6 +332,10 @@ func TestPartitionedNodeRefusesWritesAndCatchesUp(t *testing.T) {
 	min := connect(t, cutNode, nats.NoReconnect())
 	kmin := kv(t, min, bucket, false)
 	dev := mqttDevice(t, cutNode.MQTTURL(), "dev-1", "dev-1-secret", "i1")
+	lost := make(chan struct{})
+	pub := mqttDeviceOpts(t, cutNode.MQTTURL(), "dev-2", "dev-2-secret", "i2", func(o *paho.ClientOptions) {
+		o.SetConnectionLostHandler(func(paho.Client, error) { close(lost) })
+	})
 
 	heal := c.Partition(2)
 	healed := false
@@ -348,7 +360,30 @@ func TestPartitionedNodeRefusesWritesAndCatchesUp(t *testing.T) {
 		t.Error("the partitioned node acknowledged a write")
 	}
 	if !dev.IsConnectionOpen() {
-		t.Error("the device on the partitioned node lost its connection")
+		t.Error("an idle device on the partitioned node lost its connection")
+	}
+	// A QoS 1 publish needs JetStream (nats-server stores it before its
+	// PUBACK): on the cut-off node it is never acknowledged, and the node
+	// closes the device's connection; the device can connect to a node
+	// of the majority.
+	if tok := pub.Publish(topics.Up("dev-2", "i2"), 1, false, "during the cut"); tok.WaitTimeout(15*time.Second) && tok.Error() == nil {
+		t.Error("the cut-off node acknowledged a QoS 1 publish")
+	}
+	select {
+	case <-lost:
+	case <-time.After(15 * time.Second):
+		t.Error("the cut-off node kept the connection of a device whose QoS 1 publish it could not store")
+	}
+	// Nor does it take new MQTT connections (a connection stores its
+	// session in JetStream).
+	o := paho.NewClientOptions().AddBroker(cutNode.MQTTURL()).SetClientID("i3").SetUsername("dev-1").SetPassword("dev-1-secret").
+		SetAutoReconnect(false).SetConnectTimeout(10 * time.Second).SetProtocolVersion(4)
+	if tok := paho.NewClient(o).Connect(); tok.WaitTimeout(15*time.Second) && tok.Error() == nil {
+		t.Error("the cut-off node took a new MQTT connection")
+	}
+	moved := mqttDevice(t, c.Nodes[0].MQTTURL(), "dev-2", "dev-2-secret", "i2")
+	if tok := moved.Publish(topics.Up("dev-2", "i2"), 1, false, "on the majority"); !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
+		t.Errorf("a QoS 1 publish on the majority: %v", tok.Error())
 	}
 	heal()
 	healed = true
