@@ -416,3 +416,65 @@ func TestSingleNode(t *testing.T) {
 		t.Errorf("get: %q %v", v, err)
 	}
 }
+
+// MQTT's own streams have three replicas (mqtt.stream_replicas): when the
+// node that leads them dies, a device connects to another node,
+// subscribes at QoS 1 and publishes at QoS 1 within seconds. (With the R2
+// that nats-server picks by itself here, this stalls until the node is
+// back.)
+func TestMQTTSurvivesTheDeathOfItsStreamsLeader(t *testing.T) {
+	c := Start(t, Options{Accounts: accounts()})
+	first := mqttDevice(t, c.Nodes[0].MQTTURL(), "dev-1", "dev-1-secret", "i1")
+	if tok := first.Subscribe(topics.Down("dev-1", "i1"), 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	var st StreamState
+	proctest.Wait(t, 10*time.Second, "the $MQTT_msgs stream with three replicas", func() bool {
+		var err error
+		st, err = c.Nodes[0].Stream("$MQTT_msgs")
+		if err != nil || !st.Found || c.Node(st.Leader) == nil {
+			return false
+		}
+		for _, n := range c.Nodes {
+			if s, err := n.Stream("$MQTT_msgs"); err != nil || !s.Found {
+				return false
+			}
+		}
+		return true
+	})
+	victim := c.Node(st.Leader)
+	other := c.Nodes[(victim.Index+1)%3]
+	first.Disconnect(0)
+	victim.Kill()
+	gw := connect(t, other)
+	got := make(chan string, 4)
+	var d paho.Client
+	proctest.Wait(t, 30*time.Second, "a device connected and subscribed on "+other.Name, func() bool {
+		o := paho.NewClientOptions().AddBroker(other.MQTTURL()).SetClientID("i1").SetUsername("dev-1").SetPassword("dev-1-secret").
+			SetAutoReconnect(false).SetConnectTimeout(5 * time.Second).SetProtocolVersion(4)
+		cl := paho.NewClient(o)
+		if tok := cl.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			return false
+		}
+		tok := cl.Subscribe(topics.Down("dev-1", "i1"), 1, func(_ paho.Client, m paho.Message) { got <- string(m.Payload()) })
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil || tok.(*paho.SubscribeToken).Result()[topics.Down("dev-1", "i1")] == 0x80 {
+			cl.Disconnect(0)
+			return false
+		}
+		d = cl
+		return true
+	})
+	t.Cleanup(func() { d.Disconnect(0) })
+	if tok := d.Publish(topics.Up("dev-1", "i1"), 1, false, "after the death"); !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
+		t.Errorf("a QoS 1 publish after %s's death: %v", victim.Name, tok.Error())
+	}
+	proctest.Wait(t, 10*time.Second, "a down message at the device", func() bool {
+		gw.Publish("chat.v1.down.dev-1.i1", []byte("hello"))
+		select {
+		case <-got:
+			return true
+		case <-time.After(200 * time.Millisecond):
+			return false
+		}
+	})
+}
