@@ -47,7 +47,7 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 	}
 	o := paho.NewClientOptions().SetClientID(inst).SetUsername(user).SetPassword(pass).
 		SetCleanSession(true).SetConnectTimeout(10 * time.Second).SetKeepAlive(5 * time.Second).
-		SetAutoReconnect(true).SetMaxReconnectInterval(500 * time.Millisecond).SetConnectRetry(false).
+		SetAutoReconnect(true).SetMaxReconnectInterval(500 * time.Millisecond).SetConnectRetry(false).SetProtocolVersion(4).
 		SetOrderMatters(false)
 	for _, i := range nodes {
 		if e.c == nil {
@@ -71,8 +71,20 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 	})
 	o.SetConnectionLostHandler(func(paho.Client, error) { d.subscribed.Store(false) })
 	d.c = paho.NewClient(o)
-	if tok := d.c.Connect(); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-		t.Fatalf("%s/%s: MQTT connect: %v", user, inst, tok.Error())
+	// A connect that fails is tried again, as chatd does (nats-server
+	// refuses one while the session it stores cannot be written yet).
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		tok := d.c.Connect()
+		if !tok.WaitTimeout(30 * time.Second) {
+			err = errors.New("no CONNACK within 30s")
+		} else if err = tok.Error(); err == nil {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("%s/%s: MQTT connect: %v", user, inst, err)
 	}
 	t.Cleanup(func() { d.c.Disconnect(0) })
 	if !d.waitSubscribed(30 * time.Second) {
