@@ -62,7 +62,7 @@ func requireNATSGateway(t testing.TB) {
 		natsHelp, natsErr = string(out), err
 	})
 	if !hasNATS.MatchString(natsHelp) {
-		t.Skipf("chatgw serve --help lists no --nats flag, so this chatgw cannot run on a NATS cluster: the fleet scenarios need `chatgw serve --nats URL,URL,URL` (the fixture's own tests in internal/natstest run without it); help exit: %v", natsErr)
+		t.Skipf("chatgw serve --help lists no --nats flag, so this chatgw cannot run on a NATS cluster: the fleet scenarios and the capacity benchmark need `chatgw serve --nats URL,URL,URL` (the fixture's own tests in internal/natstest run without it); help exit: %v", natsErr)
 	}
 }
 

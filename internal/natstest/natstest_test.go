@@ -174,30 +174,40 @@ func TestMQTTThroughAnyNode(t *testing.T) {
 
 	t.Run("a device is confined to its own subjects", func(t *testing.T) {
 		spy := make(chan string, 16)
-		if tok := dev.Subscribe(topics.Down("dev-2", "x"), 1, func(_ paho.Client, m paho.Message) { spy <- string(m.Payload()) }); tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
-			// paho reports a refused subscription only in the SUBACK code.
-			if st, ok := tok.(*paho.SubscribeToken); ok && st.Result()[topics.Down("dev-2", "x")] != 0x80 {
-				t.Errorf("subscribing to another device's down topic: granted %v", st.Result())
-			}
+		tok := dev.Subscribe(topics.Down("dev-2", "x"), 1, func(_ paho.Client, m paho.Message) { spy <- string(m.Payload()) })
+		if !tok.WaitTimeout(10 * time.Second) {
+			t.Fatal("no SUBACK for the subscription to another device's down topic")
+		}
+		// paho reports a refused subscription in the SUBACK code.
+		if st, ok := tok.(*paho.SubscribeToken); tok.Error() == nil && (!ok || st.Result()[topics.Down("dev-2", "x")] != 0x80) {
+			t.Errorf("subscribing to another device's down topic: granted %v", st.Result())
 		}
 		gw.Publish("chat.v1.down.dev-2.x", []byte("for dev-2"))
-		dev.Publish(topics.Up("dev-2", "x"), 1, false, "forged")
+		dev.Publish(topics.Up("dev-2", "x"), 1, false, "forged").WaitTimeout(5 * time.Second)
+		// The device stays connected and its own messages go on; one
+		// connection's messages arrive in order, so anything forged would
+		// come before "own, after".
+		if tok := dev.Publish(topics.Up("dev-1", "i1"), 1, false, "own, after"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish after the forged one: %v", tok.Error())
+		}
 		dev2 := mqttDevice(t, c.Nodes[1].MQTTURL(), "dev-2", "dev-2-secret", "i2")
 		if tok := dev2.Publish(topics.Up("dev-2", "i2"), 1, false, "genuine"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 			t.Fatalf("publish: %v", tok.Error())
 		}
-		// Messages on one subject keep their order; the genuine one comes
-		// after any forged one would have.
 		timeout := time.After(10 * time.Second)
-		for done := false; !done; {
+		for own, genuine := false, false; !own || !genuine; {
 			select {
 			case m := <-ups:
-				if string(m.Data) == "forged" {
+				switch string(m.Data) {
+				case "forged":
 					t.Errorf("dev-1 published on dev-2's up subject %s", m.Subject)
+				case "own, after":
+					own = true
+				case "genuine":
+					genuine = true
 				}
-				done = string(m.Data) == "genuine"
 			case <-timeout:
-				t.Fatal("dev-2's own message did not arrive")
+				t.Fatalf("the devices' own messages did not arrive (dev-1's: %v, dev-2's: %v)", own, genuine)
 			}
 		}
 		select {
