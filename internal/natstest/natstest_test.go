@@ -127,8 +127,21 @@ func mqttDeviceOpts(t *testing.T, url, user, pass, inst string, opt func(*paho.C
 		opt(o)
 	}
 	c := paho.NewClient(o)
-	if tok := c.Connect(); !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
-		t.Fatalf("%s: MQTT connect to %s: %v", user, url, tok.Error())
+	// The first MQTT connection of an account makes MQTT's streams, and a
+	// connection is refused until they have leaders: try again, as chatd
+	// does.
+	var err error
+	for attempt := 0; attempt < 10; attempt++ {
+		tok := c.Connect()
+		if !tok.WaitTimeout(20 * time.Second) {
+			err = fmt.Errorf("no CONNACK within 20s")
+		} else if err = tok.Error(); err == nil {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("%s: MQTT connect to %s: %v", user, url, err)
 	}
 	t.Cleanup(func() { c.Disconnect(0) })
 	return c
