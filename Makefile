@@ -76,7 +76,7 @@ check: ## Everything CI runs: check-fast, then check-system.
 	$(MAKE) --no-print-directory check-fast
 	$(MAKE) --no-print-directory check-system
 
-check-fast: deps fmt-check vet ## gofmt, vet, every Go test with the race detector (end to end on loopback, Mosquitto, npm interop, manual pages), the demo. No root needed once deps are installed.
+check-fast: deps fmt-check vet ## gofmt, vet, every Go test with the race detector (end to end on loopback, Mosquitto, npm interop, manual pages), the cluster tests (test-cluster), the demo. No root needed once deps are installed.
 	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 CHATD_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory demo-smoke
