@@ -507,3 +507,26 @@ func TestMQTTSurvivesTheDeathOfItsStreamsLeader(t *testing.T) {
 		}
 	})
 }
+
+// The shipped systemd unit passes systemd-analyze verify, and its
+// exposure stays low. (The tests run nats-server directly, not under
+// systemd.)
+func TestSystemdUnit(t *testing.T) {
+	sa := proctest.Tool(t, "systemd-analyze", "systemd")
+	bin := Binary(t)
+	dir := t.TempDir()
+	b, err := os.ReadFile(filepath.Join(proctest.ModuleRoot(t), "build", "nats", "nats-server@.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An instance of the template, with the binary where it is here.
+	unit := filepath.Join(dir, "nats-server@a.service")
+	os.WriteFile(unit, []byte(strings.ReplaceAll(string(b), "/usr/local/bin/nats-server", bin)), 0o644)
+	if out, err := exec.Command(sa, "verify", unit).CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	out, err := exec.Command(sa, "security", "--offline=true", "--threshold=20", unit).CombinedOutput()
+	if err != nil {
+		t.Errorf("systemd-analyze security: exposure above 2.0 or an error: %v\n%s", err, out)
+	}
+}
