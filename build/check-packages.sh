@@ -427,7 +427,7 @@ else
 		expect "chatgw --version" "$(in_root /usr/bin/chatgw --version 2>&1)" "chatgw $version"
 		rc=0
 		out=$(in_root chroot --userspec=chatgw:chatgw / /usr/bin/chatgw serve --config /etc/chatgw/chatgw.toml --configured 2>&1) || rc=$?
-		if [ "$rc" = 1 ] && grep -q 'does not set sdkappid, embedded_broker or broker yet' <<<"$out"; then
+		if [ "$rc" = 1 ] && grep -q 'does not set sdkappid, embedded_broker, broker or nats yet' <<<"$out"; then
 			ok "chatgw serve --configured as user chatgw (the unit's ExecCondition): exit 1: $out"
 		else
 			bad "chatgw serve --configured: exit $rc: $out"

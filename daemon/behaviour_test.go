@@ -560,3 +560,81 @@ func TestSteadyStateCommitsNothing(t *testing.T) {
 		t.Errorf("%d commits in ten idle minutes", commits)
 	}
 }
+
+// [mqtt] client_id is the instance id whatever the state holds: a broker
+// that binds client ids to accounts was provisioned with it. A change starts
+// a new session (the old one belongs to the old instance).
+func TestConfiguredClientID(t *testing.T) {
+	firstDial := func(d *drv) Dial {
+		t.Helper()
+		for _, e := range d.last {
+			if dl, ok := e.(Dial); ok {
+				return dl
+			}
+		}
+		t.Fatalf("no dial in %v", d.last)
+		return Dial{}
+	}
+	t.Run("fresh state", func(t *testing.T) {
+		d := newDrv(t, func(d *drv) { d.cfg.InstanceID = "dev-42-a" })
+		d.online("dev-42", sig24(t, "dev-42", start))
+		if d.saved.InstanceID != "dev-42-a" {
+			t.Errorf("instance %q, want dev-42-a", d.saved.InstanceID)
+		}
+	})
+	for _, tc := range []struct {
+		name, configured, machine string
+		wantInstance, wantSend    string
+	}{
+		{"unchanged: resumes", "inst-old", "machine-1", "inst-old", "send c1 resume s1"},
+		{"changed: a new session under the new id", "dev-42-b", "machine-1", "dev-42-b", "send c1 login exp="},
+		{"another machine id: the configured id stays", "inst-old", "machine-2", "inst-old", "send c1 resume s1"},
+		{"unset: the kept id", "", "machine-1", "inst-old", "send c1 resume s1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sig := sig24(t, "dev-42", start)
+			d := newDrv(t)
+			d.online("dev-42", sig)
+			st := d.saved
+			st.InstanceID = "inst-old"
+			d.do(EvStop{})
+			d.cfg.InstanceID = tc.configured
+			m, eff := newMachine(d.cfg, st, true, usersig.Secret{}, tc.machine, "inst-random", d.now)
+			d.m = m
+			d.apply(append(eff, d.m.handle(d.now, EvTick{})...))
+			if dl := firstDial(d); dl.Instance != tc.wantInstance {
+				t.Errorf("dialled as instance %q, want %q", dl.Instance, tc.wantInstance)
+			}
+			got := d.do(EvDialed{Conn: d.m.conn})
+			if !slices.ContainsFunc(got, func(s string) bool { return strings.HasPrefix(s, tc.wantSend) }) {
+				t.Errorf("after dialling: %v, want %q", got, tc.wantSend)
+			}
+		})
+	}
+}
+
+func TestConfigClientIDChecked(t *testing.T) {
+	for _, tc := range []struct {
+		id    string
+		fatal bool
+	}{
+		{"", false},
+		{"dev-42-a", false},
+		{"inst.x", true},
+		{"a/b", true},
+		{strings.Repeat("x", 65), true},
+	} {
+		cfg := DefaultConfig()
+		cfg.SDKAppID = appID
+		cfg.MQTT.ClientID = tc.id
+		var got bool
+		for _, p := range cfg.Check() {
+			if p.Key == "mqtt.client_id" {
+				got = p.Fatal
+			}
+		}
+		if got != tc.fatal {
+			t.Errorf("client_id %q: fatal %v, want %v (%v)", tc.id, got, tc.fatal, cfg.Check())
+		}
+	}
+}

@@ -77,6 +77,12 @@ type MQTTConfig struct {
 	// gateway's embedded broker).
 	Username     string `toml:"username"`
 	PasswordFile string `toml:"password_file"`
+	// ClientID, when set, is the instance id (the MQTT client id) instead
+	// of the random one chatd makes and keeps in its state: a broker that
+	// binds client ids to accounts (Mosquitto's dynamic-security plugin)
+	// needs the id it was provisioned with. Changing it starts a new
+	// session under the new id.
+	ClientID string `toml:"client_id"`
 	// TLS for ssl:// brokers.
 	TLSCA   string `toml:"tls_ca"`
 	TLSCert string `toml:"tls_cert"`
@@ -290,6 +296,11 @@ func (c *Config) Check() []Problem {
 	}
 	if c.MQTT.PasswordFile != "" && c.MQTT.Username == "" {
 		bad("mqtt.username", "password_file is set but username is not")
+	}
+	if c.MQTT.ClientID != "" {
+		if err := mqtt.ValidateInstanceID(c.MQTT.ClientID); err != nil {
+			bad("mqtt.client_id", "%v", err)
+		}
 	}
 	if c.MQTT.Username != "" && c.UserID != "" && c.MQTT.Username != c.UserID {
 		warn("mqtt.username", "%q differs from user_id %q: the broker ACL template (%%u) expects the UserID as username", c.MQTT.Username, c.UserID)

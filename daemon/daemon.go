@@ -549,7 +549,7 @@ func classifyDialErr(err error, brokerAccount bool, user string, sig usersig.Sec
 		return codes.ServerTimeout, err.Error(), false
 	}
 	if brokerAccount && (rc == mqtt.RefusedBadUsernameOrPassword || rc == mqtt.RefusedNotAuthorized) {
-		return codes.InvalidParams, "the broker refused the account (" + err.Error() + "): check [mqtt] username and password_file", true
+		return codes.InvalidParams, "the broker refused the account (" + err.Error() + "): check [mqtt] username and password_file, and client_id where the broker binds client ids to accounts", true
 	}
 	switch rc {
 	case mqtt.RefusedBadUsernameOrPassword:

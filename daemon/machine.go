@@ -201,8 +201,9 @@ type machineConfig struct {
 	SDKAppID       uint64
 	Platform       string
 	ConfigUserID   string
-	Helper         bool // usersig_command is configured
-	BrokerAccount  bool // [mqtt] username is set: CONNACK refusals are about it, not the UserSig
+	InstanceID     string // [mqtt] client_id: the instance id to use; "" makes one at random
+	Helper         bool   // usersig_command is configured
+	BrokerAccount  bool   // [mqtt] username is set: CONNACK refusals are about it, not the UserSig
 	MinDelay       time.Duration
 	MaxDelay       time.Duration
 	StableAfter    time.Duration
@@ -222,6 +223,7 @@ func machineConfigFrom(cfg Config, helper bool, rnd func(int64) int64) machineCo
 		SDKAppID:       cfg.SDKAppID,
 		Platform:       cfg.Platform,
 		ConfigUserID:   cfg.UserID,
+		InstanceID:     cfg.MQTT.ClientID,
 		Helper:         helper,
 		BrokerAccount:  cfg.MQTT.Username != "",
 		MinDelay:       cfg.Reconnect.MinDelay.Duration,
@@ -348,7 +350,20 @@ func newMachine(cfg machineConfig, st storage.State, found bool, initialSig user
 		m.st = storage.State{Status: int(client.Logout)}
 		m.dirty = true
 	}
-	if m.st.InstanceID == "" || (machineID != "" && m.st.MachineID != "" && m.st.MachineID != machineID) {
+	if cfg.InstanceID != "" {
+		// Set by the config: neither a cloned state nor a random id
+		// replaces it.
+		if m.st.InstanceID != cfg.InstanceID {
+			if m.st.InstanceID != "" {
+				m.log(slog.LevelInfo, "[mqtt] client_id sets a new instance id: starting a new session under it",
+					"old_instance", m.st.InstanceID, "new_instance", cfg.InstanceID)
+			}
+			// A session belongs to the instance that logged it in.
+			m.st.Session = ""
+			m.st.InstanceID = cfg.InstanceID
+			m.dirty = true
+		}
+	} else if m.st.InstanceID == "" || (machineID != "" && m.st.MachineID != "" && m.st.MachineID != machineID) {
 		if m.st.InstanceID != "" {
 			m.log(slog.LevelWarn, "this machine's id differs from the one the state was written on: the state was copied from another board (a cloned SD image?); using a new instance id so the two do not take over each other's connection",
 				"old_instance", m.st.InstanceID, "new_instance", instance)

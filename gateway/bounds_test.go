@@ -80,8 +80,8 @@ func TestLoginCreatesNoInstanceRecord(t *testing.T) {
 	r := newRig(t, nil)
 	r.login("alice", "a", "Linux")
 	r.login("alice", "a", "Linux")
-	if len(r.e.insts) != 0 || len(r.e.dirty.instances) != 0 {
-		t.Errorf("logins created instance records: %v, dirty %v", r.e.insts, r.e.dirty.instances)
+	if rec := r.e.record("alice"); len(r.e.insts) != 0 || rec == nil || len(rec.KickedOffline) != 0 {
+		t.Errorf("logins created instance records: %v, record %+v", r.e.insts, rec)
 	}
 }
 
@@ -198,7 +198,7 @@ func TestStateWriteFailure(t *testing.T) {
 	first := pub.last(t)
 
 	diskFull := errors.New("no space left on device")
-	g.st.failWrites = func() error { return diskFull }
+	g.st.(*boltStore).failWrites = func() error { return diskFull }
 	now = now.Add(2 * time.Second)
 	login := mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: r.sig("alice", time.Hour), Platform: "Android"})
 	g.HandleMessage("chat/v1/up/alice/b", login)
@@ -214,7 +214,7 @@ func TestStateWriteFailure(t *testing.T) {
 		t.Error("admin kick succeeded while the disk fails")
 	}
 
-	g.st.failWrites = nil
+	g.st.(*boltStore).failWrites = nil
 	now = now.Add(time.Second)
 	g.Tick() // the retry
 	g.sendQueued()

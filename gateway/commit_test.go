@@ -96,7 +96,7 @@ func TestGroupCommit(t *testing.T) {
 		}
 	}
 	writes := 0
-	c.g.st.failWrites = func() error {
+	c.g.st.(*boltStore).failWrites = func() error {
 		writes++
 		if l := len(c.g.outq); l != 0 || acked != 0 {
 			t.Errorf("at the write, %d answers were queued and %d messages acknowledged already", l, acked)
@@ -140,7 +140,7 @@ func TestGroupCommit(t *testing.T) {
 func TestGroupCommitFailure(t *testing.T) {
 	const n = 20
 	c := newCommitRig(t)
-	c.g.st.failWrites = func() error { return errors.New("no space left on device") }
+	c.g.st.(*boltStore).failWrites = func() error { return errors.New("no space left on device") }
 	var batch []inbound
 	for i := range n {
 		user := fmt.Sprintf("u%03d", i)

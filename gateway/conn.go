@@ -41,6 +41,9 @@ type BrokerOptions struct {
 	RateLimit RateLimit
 	// PublishTimeout bounds one publish to the broker (default 5 s).
 	PublishTimeout time.Duration
+	// FloodBan, if set, disables the broker account of a device that
+	// floods, through Mosquitto's dynamic-security plugin.
+	FloodBan *FloodBan
 }
 
 type pahoPublisher struct{ c paho.Client }
@@ -92,6 +95,10 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	g.queue.Store(q)
 	lim := newLimiter(bo.RateLimit)
 	var limMu sync.Mutex
+	var ban *banner
+	if bo.FloodBan != nil {
+		ban = newBanner(*bo.FloodBan, g.log, g.stats)
+	}
 
 	o := paho.NewClientOptions()
 	o.SetClientID(bo.ClientID)
@@ -126,7 +133,11 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		}
 		o.AddBroker(bo.URL)
 	}
-	handler := func(_ paho.Client, m paho.Message) {
+	handler := func(c paho.Client, m paho.Message) {
+		if ban != nil && m.Topic() == dynsecResponse {
+			ban.handle(c, m)
+			return
+		}
 		if m.Retained() {
 			// A retained message is an old one replayed by the broker at
 			// (re)subscription: carrying it out again would repeat it.
@@ -147,6 +158,9 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 		if !ok {
 			g.stats.dropped(dropRateLimited)
 			g.stats.throttled.With("gateway").Add(1)
+			if ban != nil {
+				ban.dropped(user, time.Now())
+			}
 			m.Ack()
 			return
 		}
@@ -170,6 +184,9 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 					g.log.Info("gateway ready: subscribed to the device topics", "filter", filter)
 					close(g.subscribed)
 				})
+				if ban != nil {
+					ban.connected(c)
+				}
 				return
 			}
 			g.log.Error("subscribing failed; retrying", "filter", filter, "err", t.Error())
@@ -195,10 +212,28 @@ func (g *Gateway) Serve(ctx context.Context, bo BrokerOptions) error {
 	tctx, cancelTimers := context.WithCancel(ctx)
 	go func() { timersDone <- g.RunTimers(tctx) }()
 	go func() { g.runSender(tctx); close(senderDone) }()
+	banDone := make(chan struct{})
+	go func() {
+		defer close(banDone)
+		if ban == nil {
+			return
+		}
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tctx.Done():
+				return
+			case <-tick.C:
+				ban.tick(time.Now())
+			}
+		}
+	}()
 	defer func() {
 		cancelTimers()
 		<-timersDone
 		<-senderDone
+		<-banDone
 		c.Disconnect(250)
 		g.brokerUp.Store(false)
 		g.SetPublisher(nil)

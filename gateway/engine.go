@@ -4,7 +4,10 @@ import (
 	"chatd/codes"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -161,8 +164,63 @@ type engine struct {
 	// nActive and nOnline count the active sessions and the online ones
 	// among them (for the metrics, without a scan).
 	nActive, nOnline int
-	dirty            changes
-	stats            *stats
+	// dirty are the users whose record changed since it was last written.
+	dirty changes
+	// seen holds the users active (login or resume) on dauDay (UTC), with
+	// when: the daily active users, kept in the records so that every
+	// gateway sharing a store counts the same users.
+	seen   map[string]time.Time
+	dauDay string
+	// pend, when not nil, holds per user what a call decided besides the
+	// state (answers to remember, counters to add) until the gateway knows
+	// whether the user's record was written: a compare-and-set that lost
+	// discards them with the state (settle).
+	pend  map[string]*pending
+	stats *stats
+}
+
+// pending is what the engine decided for one user that takes effect only
+// once the user's record is written.
+type pending struct {
+	replies map[string]pendingReply // by user/instance
+	counts  map[statKey]uint64
+}
+
+type pendingReply struct {
+	msg mqtt.Message
+	at  time.Time
+}
+
+// statKey names one counter: a family and its label value.
+type statKey struct{ kind, label string }
+
+const (
+	statLogin   = "login"
+	statResume  = "resume"
+	statLogout  = "logout"
+	statDrop    = "drop"
+	statKick    = "kick"
+	statExpired = "expired"
+	statEvict   = "evict"
+)
+
+func (st *stats) add(k statKey, n uint64) {
+	switch k.kind {
+	case statLogin:
+		st.logins.With(k.label).Add(n)
+	case statResume:
+		st.resumes.With(k.label).Add(n)
+	case statLogout:
+		st.logouts.Add(n)
+	case statDrop:
+		st.drops.With(k.label).Add(n)
+	case statKick:
+		st.kicks.With(k.label).Add(n)
+	case statExpired:
+		st.expired.Add(n)
+	case statEvict:
+		st.evictions.With(k.label).Add(n)
+	}
 }
 
 // userState indexes one user's sessions and flagged instances, so that a
@@ -172,22 +230,14 @@ type userState struct {
 	insts    map[string]*instanceState // by instance
 }
 
-// changes lists what must be persisted after a call.
+// changes lists the users whose record must be written after a call.
 type changes struct {
-	sessions  map[string]bool
-	instances map[string]bool
-	revoked   map[string]bool
+	users map[string]bool
 }
 
-func (c *changes) reset() {
-	c.sessions = map[string]bool{}
-	c.instances = map[string]bool{}
-	c.revoked = map[string]bool{}
-}
+func (c *changes) reset() { c.users = map[string]bool{} }
 
-func (c *changes) empty() bool {
-	return len(c.sessions) == 0 && len(c.instances) == 0 && len(c.revoked) == 0
-}
+func (c *changes) empty() bool { return len(c.users) == 0 }
 
 func newEngine(cfg Config, newID func() string, st *stats) *engine {
 	cfg.setDefaults()
@@ -201,6 +251,7 @@ func newEngine(cfg Config, newID func() string, st *stats) *engine {
 		expiries: newDueHeap(),
 		tombs:    newDueHeap(),
 		flags:    newDueHeap(),
+		seen:     map[string]time.Time{},
 		stats:    st,
 	}
 	e.failed = newLRU[*failures](cfg.FailureUsers, cfg.FailureWindow, func() { st.evicted("failure_counter") })
@@ -312,7 +363,7 @@ func (e *engine) setKickedOffline(now time.Time, user, instance string, v bool) 
 		return
 	}
 	e.addInstance(k, &instanceState{KickedOffline: true, Since: now})
-	e.dirty.instances[k] = true
+	e.dirty.users[user] = true
 	// Bounded per user: a device can invent instance ids.
 	u := e.users[user]
 	for len(u.insts) > e.cfg.MaxTombstones {
@@ -323,7 +374,7 @@ func (e *engine) setKickedOffline(now time.Time, user, instance string, v bool) 
 			}
 		}
 		e.dropInstance(user, oldest)
-		e.stats.evicted("instance_flag")
+		e.count(user, statEvict, "instance_flag")
 	}
 }
 
@@ -335,10 +386,10 @@ func (e *engine) dropInstance(user, instance string) {
 		delete(u.insts, instance)
 		e.dropUserIfEmpty(user, u)
 	}
-	e.dirty.instances[k] = true
+	e.dirty.users[user] = true
 }
 
-func (e *engine) touch(s *Session) { e.dirty.sessions[s.ID] = true }
+func (e *engine) touch(s *Session) { e.dirty.users[s.UserID] = true }
 
 func (e *engine) end(s *Session, now time.Time, reason string) {
 	if s.Active() {
@@ -368,7 +419,7 @@ func (e *engine) end(s *Session, now time.Time, reason string) {
 		})
 		for _, t := range ended[:over] {
 			e.removeSession(t)
-			e.stats.evicted("tombstone")
+			e.count(t.UserID, statEvict, "tombstone")
 		}
 	}
 }
@@ -400,8 +451,8 @@ func sortSessions(ss []*Session) {
 // Handle processes one message a device published on its up topic.
 func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []Outbound {
 	key := instKey(user, instance)
-	if last, ok := e.replies.get(key, now); ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
-		e.stats.dropped(dropRepeated)
+	if last, ok := e.reply(user, key, now); ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
+		e.count(user, statDrop, dropRepeated)
 		if last.ServerTimeMs != 0 {
 			// The clock offset the device learns must be today's.
 			last.ServerTimeMs = now.UnixMilli()
@@ -417,7 +468,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 			r.Desc = codes.Text(r.Code)
 		}
 		if r.ID != "" {
-			e.replies.put(key, r, now)
+			e.remember(user, key, r, now)
 		}
 		return []Outbound{{UserID: user, Instance: instance, Msg: r}}
 	}
@@ -430,12 +481,12 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 		return e.login(now, user, instance, m, reply)
 	case mqtt.TypeResume:
 		r := e.resume(now, user, instance, m)
-		e.stats.resume(r.Code)
+		e.count(user, statResume, strconv.Itoa(r.Code))
 		return reply(r)
 	case mqtt.TypeLogout:
 		if s, ok := e.sessions[m.Session]; ok && s.Active() && s.UserID == user && s.Instance == instance {
 			e.end(s, now, EndLogout)
-			e.stats.logouts.Add(1)
+			e.count(user, statLogout, "")
 		}
 		// Logout is idempotent: a repeated or unknown logout also succeeds.
 		return reply(mqtt.Message{Type: mqtt.TypeLogoutResult})
@@ -448,7 +499,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 			// another session, or an older connection than the one the
 			// session is on, is about something that has already ended.
 			if m.Session != "" && m.Session != s.ID || m.Conn != "" && s.Conn != "" && m.Conn != s.Conn {
-				e.stats.dropped(dropStaleOffline)
+				e.count(user, statDrop, dropStaleOffline)
 				continue
 			}
 			e.setOnline(s, false)
@@ -457,7 +508,7 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 		}
 		return nil
 	default:
-		e.stats.dropped(dropUnknownType)
+		e.count(user, statDrop, dropUnknownType)
 		return reply(mqtt.Message{Type: mqtt.TypeError, Code: codes.InvalidParams,
 			Desc: fmt.Sprintf("unknown message type %q; this gateway speaks protocol %s: login, resume, logout, offline", m.Type, mqtt.Version)})
 	}
@@ -486,7 +537,7 @@ func (e *engine) fail(now time.Time, user string) {
 
 func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, reply func(mqtt.Message) []Outbound) []Outbound {
 	res := func(code int, desc string) []Outbound {
-		e.stats.login(code)
+		e.count(user, statLogin, strconv.Itoa(code))
 		if code != codes.OK {
 			e.fail(now, user)
 		}
@@ -503,7 +554,7 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 		return res(codes.InvalidParams, fmt.Sprintf("unknown platform %q; use one of %v", m.Platform, mqtt.Platforms))
 	}
 	if f, ok := e.failed.get(user, now); ok && f.count >= e.cfg.MaxFailures && now.Sub(f.since) <= e.cfg.FailureWindow {
-		e.stats.login(codes.TooManyFailures)
+		e.count(user, statLogin, strconv.Itoa(codes.TooManyFailures))
 		return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Code: codes.TooManyFailures,
 			Desc: fmt.Sprintf("%d failed logins within %s; retry after %s", f.count, e.cfg.FailureWindow, f.since.Add(e.cfg.FailureWindow).Sub(now).Round(time.Second))})
 	}
@@ -550,8 +601,8 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 	}
 	e.addSession(s)
 	e.touch(s)
-	e.stats.login(codes.OK)
-	e.stats.active(user, now)
+	e.count(user, statLogin, strconv.Itoa(codes.OK))
+	e.markActive(user, now)
 	e.failed.delete(user)
 	r := reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
 	return append(out, r...)
@@ -586,7 +637,7 @@ func (e *engine) kick(now time.Time, s *Session, reason, byPlatform string) []Ou
 	online := s.Online
 	e.end(s, now, EndKicked)
 	s.KickedBy = reason
-	e.stats.kicks.With(reason).Add(1)
+	e.count(s.UserID, statKick, reason)
 	if !online {
 		e.setKickedOffline(now, s.UserID, s.Instance, true)
 	}
@@ -621,7 +672,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 		s.LastSeen = now
 		s.Conn = m.Conn
 		e.touch(s)
-		e.stats.active(user, now)
+		e.markActive(user, now)
 		r.ServerTimeMs = now.UnixMilli()
 		r.UserSigExpiresAt = s.ExpiresAt.Unix()
 		return r
@@ -657,7 +708,7 @@ func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
 		}
 		online := s.Online
 		e.end(s, now, EndExpired)
-		e.stats.expired.Add(1)
+		e.count(s.UserID, statExpired, "")
 		if online {
 			out = append(out, Outbound{UserID: s.UserID, Instance: s.Instance, Msg: mqtt.Message{
 				Type: mqtt.TypeUserSigExpire, Session: s.ID, Code: codes.UserSigExpired,
@@ -713,7 +764,7 @@ func (e *engine) counts() (active, online int) { return e.nActive, e.nOnline }
 // UserSigs issued before now (later logins with them fail with 70052).
 func (e *engine) Kick(now time.Time, user string) ([]Outbound, int) {
 	e.revoked[user] = now.Unix()
-	e.dirty.revoked[user] = true
+	e.dirty.users[user] = true
 	var out []Outbound
 	n := 0
 	for _, s := range e.userSessions(user) {
@@ -747,4 +798,163 @@ func (e *engine) ActiveSessions(user string) []Session {
 		}
 	}
 	return out
+}
+
+// count adds one to a counter of user's, now or, while the gateway holds
+// the user's effects back (pend), once the user's record is written.
+func (e *engine) count(user, kind, label string) {
+	k := statKey{kind, label}
+	if e.pend == nil {
+		e.stats.add(k, 1)
+		return
+	}
+	p := e.pending(user)
+	if p.counts == nil {
+		p.counts = map[statKey]uint64{}
+	}
+	p.counts[k]++
+}
+
+func (e *engine) pending(user string) *pending {
+	p, ok := e.pend[user]
+	if !ok {
+		p = &pending{}
+		e.pend[user] = p
+	}
+	return p
+}
+
+// reply returns the last answer to the instance key of user: the one not
+// yet written first.
+func (e *engine) reply(user, key string, now time.Time) (mqtt.Message, bool) {
+	if p, ok := e.pend[user]; ok {
+		if r, ok := p.replies[key]; ok && now.Sub(r.at) <= e.cfg.AnswerTTL {
+			return r.msg, true
+		}
+	}
+	return e.replies.get(key, now)
+}
+
+// remember keeps r as the last answer to the instance key of user.
+func (e *engine) remember(user, key string, r mqtt.Message, now time.Time) {
+	if e.pend == nil {
+		e.replies.put(key, r, now)
+		return
+	}
+	p := e.pending(user)
+	if p.replies == nil {
+		p.replies = map[string]pendingReply{}
+	}
+	p.replies[key] = pendingReply{r, now}
+}
+
+// holdEffects makes the engine hold each user's answers and counters back
+// until settle (the gateway's mode).
+func (e *engine) holdEffects() { e.pend = map[string]*pending{} }
+
+// settle makes what the engine decided for user take effect (keep: the
+// record was written) or forgets it (its compare-and-set lost).
+func (e *engine) settle(user string, keep bool) {
+	p, ok := e.pend[user]
+	if !ok {
+		return
+	}
+	delete(e.pend, user)
+	if !keep {
+		return
+	}
+	for _, k := range slices.Sorted(maps.Keys(p.replies)) {
+		r := p.replies[k]
+		e.replies.put(k, r.msg, r.at)
+	}
+	for k, n := range p.counts {
+		e.stats.add(k, n)
+	}
+}
+
+// markActive records that user logged in or resumed at now.
+func (e *engine) markActive(user string, now time.Time) {
+	e.noteSeen(user, now)
+	e.dirty.users[user] = true
+}
+
+func (e *engine) noteSeen(user string, at time.Time) {
+	day := at.UTC().Format(time.DateOnly)
+	switch {
+	case day > e.dauDay:
+		e.dauDay = day
+		clear(e.seen)
+	case day < e.dauDay:
+		return
+	}
+	if old, ok := e.seen[user]; !ok || at.After(old) {
+		e.seen[user] = at
+	}
+}
+
+// dau returns how many users were active on now's UTC day.
+func (e *engine) dau(now time.Time) int {
+	if now.UTC().Format(time.DateOnly) != e.dauDay {
+		return 0
+	}
+	return len(e.seen)
+}
+
+// record returns user's state as a record (nil when there is nothing to
+// keep).
+func (e *engine) record(user string) *UserRecord {
+	r := &UserRecord{RevokedAt: e.revoked[user]}
+	if u, ok := e.users[user]; ok {
+		for _, s := range e.userSessions(user) {
+			r.Sessions = append(r.Sessions, *s)
+		}
+		for inst, st := range u.insts {
+			if st.KickedOffline {
+				if r.KickedOffline == nil {
+					r.KickedOffline = map[string]time.Time{}
+				}
+				r.KickedOffline[inst] = st.Since
+			}
+		}
+	}
+	if r.empty() {
+		return nil
+	}
+	if at, ok := e.seen[user]; ok {
+		r.ActiveAt = at
+	}
+	return r
+}
+
+// setUser replaces everything the engine knows about user by r (nil:
+// nothing): loading the state, applying another gateway's write, undoing a
+// compare-and-set that lost. The user is then not dirty.
+func (e *engine) setUser(user string, r *UserRecord) {
+	if u, ok := e.users[user]; ok {
+		for _, s := range u.sessions {
+			e.removeSession(s)
+		}
+		for inst := range u.insts {
+			e.dropInstance(user, inst)
+		}
+	}
+	delete(e.revoked, user)
+	delete(e.seen, user)
+	if r != nil {
+		for i := range r.Sessions {
+			s := r.Sessions[i]
+			s.UserID = user
+			e.addSession(&s)
+		}
+		for inst, at := range r.KickedOffline {
+			e.addInstance(instKey(user, inst), &instanceState{KickedOffline: true, Since: at})
+		}
+		if r.RevokedAt != 0 {
+			e.revoked[user] = r.RevokedAt
+		}
+		if !r.ActiveAt.IsZero() {
+			e.noteSeen(user, r.ActiveAt)
+		}
+	}
+	delete(e.dirty.users, user)
 }

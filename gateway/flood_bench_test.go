@@ -1,9 +1,13 @@
 package gateway
 
 import (
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"chatd/mqtt"
 	"chatd/mqtt/mosquittotest"
@@ -52,5 +56,25 @@ func TestFloodLatencyRatio(t *testing.T) {
 		fl := mosqRawClient(t, w.b, "flooder", "f-1")
 		loaded := flood(t, w.world, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin}), 10000, 10*time.Second, honest, dial)
 		report(t, "Mosquitto", unloaded, loaded)
+	})
+	// The bound setup with the gateway disabling a flooder's account. The
+	// flooder reconnects as fast as paho lets it, refused while banned.
+	t.Run("mosquitto-dynsec-ban", func(t *testing.T) {
+		w := startDynsecWorld(t, &FloodBan{Duration: time.Minute})
+		dial := func(user, inst string) (*mqtt.Conn, string) { return w.dial(user, inst), w.sig(user, time.Hour) }
+		idle := mosqRawClient(t, w.b, "bob", "inst-b")
+		unloaded := flood(t, w.world, idle, "chat/v1/up/bob/inst-b", nil, 0, 10*time.Second, honest, dial)
+		o := paho.NewClientOptions().AddBroker(w.b.URL()).SetClientID("f-1").SetUsername("flooder").SetPassword(mosqUsers["flooder"]).
+			SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(10 * time.Millisecond).SetMaxReconnectInterval(100 * time.Millisecond)
+		fl := paho.NewClient(o)
+		if tok := fl.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("flooder: %v", tok.Error())
+		}
+		defer fl.Disconnect(0)
+		mark := w.b.LogMark()
+		loaded := flood(t, w.world, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin}), 10000, 10*time.Second, honest, dial)
+		refused := strings.Count(w.b.Log()[mark:], "disconnected, not authorised")
+		report(t, fmt.Sprintf("Mosquitto, dynamic-security flood ban (%d reconnects refused; %s)", refused,
+			grep(loaded.metrics, `chatgw_flood_bans_total{action="disabled"}`)), unloaded, loaded)
 	})
 }

@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -23,6 +25,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"chatd/internal/proctest"
 	"chatd/mqtt"
 	"chatd/mqtt/mosquittotest"
 	"chatd/usersig"
@@ -726,5 +729,168 @@ func TestHostileInventedInstances(t *testing.T) {
 		if got < atLeast {
 			t.Errorf("evicted %s = %d, want at least %d:\n%s", kind, got, atLeast, grep(m, "evicted"))
 		}
+	}
+}
+
+// dynsecGatewayID is the gateway's client id in the dynamic-security tests,
+// bound to its account.
+const dynsecGatewayID = "chatgw-dynsec-0123456789abcdef"
+
+// dynsecClientIDs binds each device account of mosqUsers to a client id.
+func dynsecClientIDs() map[string]string {
+	ids := map[string]string{"alice": "inst-a", "bob": "inst-b", "flooder": "f-1"}
+	for i := range 150 {
+		ids[fmt.Sprintf("honest%d", i)] = fmt.Sprintf("h-%d", i)
+	}
+	return ids
+}
+
+// startDynsecWorld is a gateway on a real Mosquitto with the
+// dynamic-security file that the real `chatgw mosquitto-dynsec` writes for
+// mosqUsers, every account bound to its client id; with ban, the gateway
+// disables flooding devices' accounts.
+func startDynsecWorld(t *testing.T, ban *FloodBan) *mosqWorld {
+	t.Helper()
+	mosquittotest.DynsecPlugin(t) // skips before building anything if missing
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "chatgw")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/chatgw")
+	build.Dir = proctest.ModuleRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building chatgw: %v\n%s", err, out)
+	}
+	var fleet strings.Builder
+	for user, id := range dynsecClientIDs() {
+		fmt.Fprintf(&fleet, "%s %s %s\n", user, id, mosqUsers[user])
+	}
+	fleetPath, gwPass, out := filepath.Join(dir, "fleet"), filepath.Join(dir, "gw.pass"), filepath.Join(dir, "dynsec.json")
+	os.WriteFile(fleetPath, []byte(fleet.String()), 0o600)
+	os.WriteFile(gwPass, []byte(mosqUsers["chatgw"]), 0o600)
+	args := []string{"mosquitto-dynsec", "--fleet", fleetPath, "--gateway-client-id", dynsecGatewayID, "--gateway-password-file", gwPass, "--out", out}
+	if ban != nil {
+		args = append(args, "--gateway-ban-floods")
+	}
+	if msg, err := exec.Command(bin, args...).CombinedOutput(); err != nil {
+		t.Fatalf("chatgw mosquitto-dynsec: %v\n%s", err, msg)
+	}
+	b := mosquittotest.Start(t, mosquittotest.Config{Shipped: true, Dynsec: out})
+	w := startWorld(t, func(c *ServeConfig) {
+		c.EmbeddedBroker = ""
+		c.Broker = BrokerOptions{URL: b.URL(), ClientID: dynsecGatewayID, Username: "chatgw", Password: mosqUsers["chatgw"], FloodBan: ban}
+	})
+	w.broker = b.URL()
+	return &mosqWorld{w, b}
+}
+
+// With the dynamic-security file, no device account takes over another
+// account's client id or the gateway's: the CONNECT is refused, the holder
+// stays connected, and the victim stays logged in with its session.
+func TestHostileClientIDTakeoverMosquittoDynsec(t *testing.T) {
+	w := startDynsecWorld(t, nil)
+	a := w.dial("alice", "inst-a")
+	res := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("alice", time.Hour)})
+	if res.Code != 0 {
+		t.Fatalf("alice's login with her bound id: %+v", res)
+	}
+	for _, tc := range []struct{ name, user, id string }{
+		{"bob as alice's client id", "bob", "inst-a"},
+		{"bob as the gateway's client id", "bob", dynsecGatewayID},
+		{"alice's own account as the gateway's client id", "alice", dynsecGatewayID},
+		{"bob as the old default gateway id", "bob", "chatgw"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			att := startAttacker(t, w.b.Host(), w.b.Port(), tc.user, mosqUsers[tc.user], tc.id)
+			if ok, out := att.refused(); !ok {
+				t.Errorf("%s connected as %s", tc.user, tc.id)
+				att.die()
+			} else if !strings.Contains(out, "not authorised") {
+				t.Errorf("refused with %q, want not authorised", out)
+			}
+		})
+	}
+	if n := strings.Count(w.b.Log(), "already connected, closing old connection"); n > 0 {
+		t.Errorf("the broker closed a connection for a reused client id %d times", n)
+	}
+	if m := w.metrics(); !strings.Contains(m, "chatgw_broker_connected 1\n") {
+		t.Errorf("gateway not connected:\n%s", grep(m, "broker_connected"))
+	}
+	victimIntact(t, w.world, a, res.Session)
+	// A device with its own bound id logs in end to end.
+	b := w.dial("bob", "inst-b")
+	if r := request(t, b, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("bob", time.Hour)}); r.Code != 0 {
+		t.Errorf("bob's login with his bound id: %+v", r)
+	}
+}
+
+// One device floods on Mosquitto with the dynamic-security plugin: the
+// gateway disables its account, which disconnects it and refuses it until
+// the ban is over; then it is enabled again. Honest devices log in
+// throughout, and both steps are counted.
+func TestHostileFloodMosquittoDynsec(t *testing.T) {
+	const ban = 3 * time.Second
+	w := startDynsecWorld(t, &FloodBan{Duration: ban})
+	a := w.dial("alice", "inst-a")
+	res := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: w.sig("alice", time.Hour)})
+	fl := mosqRawClient(t, w.b, "flooder", "f-1")
+	dial := func(user, inst string) (*mqtt.Conn, string) { return w.dial(user, inst), w.sig(user, time.Hour) }
+	r := flood(t, w.world, fl, "chat/v1/up/flooder/f-1", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin}), 10000, 2*time.Second, 20, dial)
+	t.Logf("flooder sent %d before it was cut off; %d honest logins ok, %d failed; p50 %s p99 %s", r.sent, len(r.honest), r.failed, r.p(0.5), r.p(0.99))
+	if r.failed > 0 || len(r.honest) == 0 {
+		t.Errorf("%d honest logins failed, %d succeeded", r.failed, len(r.honest))
+	}
+	if fl.IsConnectionOpen() {
+		t.Error("the flooder is still connected")
+	}
+	for _, want := range []string{`chatgw_flood_bans_total{action="disabled"} 1`, `chatgw_flood_bans_total{action="error"} 0`, "chatgw_broker_connected 1"} {
+		if !strings.Contains(r.metrics, want+"\n") {
+			t.Errorf("metrics lack %q:\n%s", want, grep(r.metrics, "flood_bans")+grep(r.metrics, "broker_connected"))
+		}
+	}
+	if _, err := rawClient(t, w.b.URL(), "flooder", "f-1", mosqUsers["flooder"]); err == nil {
+		t.Error("the flooder reconnected during its ban")
+	} else {
+		t.Logf("the flooder reconnecting during its ban: %v", err)
+	}
+	// The ban ends: the account is enabled again.
+	var back paho.Client
+	proctest.Wait(t, ban+5*time.Second, "the flooder's account enabled again", func() bool {
+		c, err := rawClient(t, w.b.URL(), "flooder", "f-1", mosqUsers["flooder"])
+		back = c
+		return err == nil
+	})
+	back.Disconnect(0)
+	if m := w.metrics(); !strings.Contains(m, `chatgw_flood_bans_total{action="enabled"} 1`+"\n") {
+		t.Errorf("not counted:\n%s", grep(m, "flood_bans"))
+	}
+	victimIntact(t, w.world, a, res.Session)
+}
+
+// A ban outlives a gateway restart: the account stays disabled on the
+// broker, marked with the ban's end, and the next run enables it on time.
+func TestHostileFloodBanSurvivesGatewayRestart(t *testing.T) {
+	const ban = 4 * time.Second
+	w := startDynsecWorld(t, &FloodBan{Duration: ban})
+	fl := mosqRawClient(t, w.b, "flooder", "f-1")
+	for i := 0; i < 1000 && fl.IsConnectionOpen(); i++ {
+		fl.Publish("chat/v1/up/flooder/f-1", 0, false, `{"type":"offline"}`)
+		time.Sleep(time.Millisecond)
+	}
+	if fl.IsConnectionOpen() {
+		t.Fatal("the flooder was not cut off")
+	}
+	w.stop()
+	w.start()
+	if _, err := rawClient(t, w.b.URL(), "flooder", "f-1", mosqUsers["flooder"]); err == nil {
+		t.Error("the flooder reconnected during its ban, after the gateway's restart")
+	}
+	proctest.Wait(t, ban+5*time.Second, "the flooder's account enabled by the restarted gateway", func() bool {
+		c, err := rawClient(t, w.b.URL(), "flooder", "f-1", mosqUsers["flooder"])
+		if err == nil {
+			c.Disconnect(0)
+		}
+		return err == nil
+	})
+	if m := w.metrics(); !strings.Contains(m, `chatgw_flood_bans_total{action="enabled"} 1`+"\n") {
+		t.Errorf("the restarted gateway did not count the lifted ban:\n%s", grep(m, "flood_bans"))
 	}
 }

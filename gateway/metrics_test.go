@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"os"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -83,5 +84,21 @@ func TestMetricsPromtool(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(bytes.TrimSpace(out)) != 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+}
+
+// docs/admin-api.md lists every metric family the gateway writes.
+func TestMetricsDocumented(t *testing.T) {
+	doc, err := os.ReadFile("../docs/admin-api.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(metricsText(t), "\n") {
+		if name, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			name, _, _ = strings.Cut(name, " ")
+			if !bytes.Contains(doc, []byte("`"+name)) {
+				t.Errorf("docs/admin-api.md does not list %s", name)
+			}
+		}
 	}
 }

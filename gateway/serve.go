@@ -8,6 +8,9 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // ServeConfig is everything `chatgw serve` runs.
@@ -17,6 +20,15 @@ type ServeConfig struct {
 	// host:port; otherwise Broker is used.
 	EmbeddedBroker string
 	Broker         BrokerOptions
+	// NATS, when its URLs are set, serves the devices of a NATS cluster
+	// (ServeNATS) instead of an MQTT broker; EmbeddedBroker and Broker.URL
+	// must then be empty.
+	NATS NATSOptions
+	// KVBucket and KVReplicas name the JetStream key-value bucket of the
+	// gateways' shared state on NATS, and its replicas (default
+	// DefaultKVBucket, DefaultKVReplicas); see Run.
+	KVBucket   string
+	KVReplicas int
 	// Admin is a Unix socket path or a loopback host:port; empty: none.
 	Admin string
 	// RateLimit is the per-device message rate, at the embedded broker and
@@ -37,6 +49,13 @@ type ServeConfig struct {
 	Ready func(broker, admin net.Addr)
 }
 
+// DefaultKVBucket and DefaultKVReplicas are the shared state's bucket on
+// NATS when ServeConfig names none.
+const (
+	DefaultKVBucket   = "chatgw"
+	DefaultKVReplicas = 3
+)
+
 // Run serves until ctx ends. A nil return is a clean shutdown.
 func Run(ctx context.Context, cfg ServeConfig) error {
 	log := cfg.Logger
@@ -44,9 +63,52 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		log = slog.Default()
 		cfg.Logger = log
 	}
+	onNATS := len(cfg.NATS.URLs) > 0 || cfg.NATS.Conn != nil
+	if onNATS && (cfg.EmbeddedBroker != "" || cfg.Broker.URL != "") {
+		return errors.New("choose one of --nats, --broker and --embedded-broker")
+	}
 	// With the embedded broker, every device connection ended with the
 	// previous run.
 	cfg.NoSurvivors = cfg.EmbeddedBroker != ""
+	no := cfg.NATS
+	if onNATS {
+		if no.RateLimit == (RateLimit{}) {
+			no.RateLimit = cfg.RateLimit
+		}
+		if no.Queue == "" {
+			no.Queue = DefaultNATSQueue
+		}
+		if no.Conn == nil {
+			nc, err := DialNATS(no)
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			no.Conn = nc
+		}
+		// On NATS the state is the cluster's: every gateway of the fleet
+		// shares the key-value bucket, one record per user.
+		if cfg.Store == nil {
+			js, err := jetstream.New(no.Conn)
+			if err != nil {
+				return fmt.Errorf("JetStream on NATS: %w", err)
+			}
+			bucket, replicas := cfg.KVBucket, cfg.KVReplicas
+			if bucket == "" {
+				bucket = DefaultKVBucket
+			}
+			if replicas == 0 {
+				replicas = DefaultKVReplicas
+			}
+			st, err := openSharedState(ctx, js, KVOptions{Bucket: bucket, Replicas: replicas, Logger: log}, log)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			cfg.Store = st
+			log.Info("gateway state on NATS", "bucket", bucket, "replicas", replicas)
+		}
+	}
 	g, err := New(cfg.Options)
 	if err != nil {
 		return err
@@ -58,7 +120,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		bo.RateLimit = cfg.RateLimit
 	}
 	var brokerAddr net.Addr
-	if cfg.EmbeddedBroker != "" {
+	if onNATS {
+		log.Info("serving devices on NATS", "servers", no.Conn.Servers(), "queue", no.Queue)
+	} else if cfg.EmbeddedBroker != "" {
 		emb, err := StartEmbedded(EmbeddedOptions{
 			Addr: cfg.EmbeddedBroker, Topics: g.topics, SDKAppID: cfg.SDKAppID, Key: cfg.Key, Now: g.now, Logger: log,
 			RateLimit: cfg.RateLimit, MaxExpiredAge: cfg.MaxExpiredAge, stats: g.stats,
@@ -100,7 +164,11 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		cfg.Started(g)
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- g.Serve(ctx, bo) }()
+	if onNATS {
+		go func() { serveErr <- g.ServeNATS(ctx, no) }()
+	} else {
+		go func() { serveErr <- g.Serve(ctx, bo) }()
+	}
 	if cfg.Ready != nil {
 		// Ready means devices get answers: wait for the subscription.
 		select {
@@ -116,4 +184,38 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 	case err := <-srvErr:
 		return fmt.Errorf("admin API: %w", err)
 	}
+}
+
+// openSharedState opens the state bucket, waiting while JetStream is not
+// ready yet (a cluster still electing its leaders, a node starting): a
+// gateway started with its cluster comes up with it instead of failing.
+// A refusal that waiting cannot cure (permissions, a bad bucket name) ends
+// it at once.
+func openSharedState(ctx context.Context, js jetstream.JetStream, o KVOptions, log *slog.Logger) (StateStore, error) {
+	wait := 250 * time.Millisecond
+	for {
+		octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		st, err := OpenKV(octx, js, o)
+		cancel()
+		if err == nil {
+			return st, nil
+		}
+		if !kvRetryable(err) || ctx.Err() != nil {
+			return nil, fmt.Errorf("opening the state bucket %q on NATS: %w", o.Bucket, err)
+		}
+		log.Warn("the state bucket is not available yet; retrying", "bucket", o.Bucket, "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
+}
+
+func kvRetryable(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrNoHeartbeat) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrDisconnected)
 }

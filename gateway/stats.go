@@ -22,6 +22,9 @@ type stats struct {
 	expired      atomic.Uint64
 	writeFails   atomic.Uint64
 	commits      atomic.Uint64
+	recordWrites atomic.Uint64
+	conflicts    atomic.Uint64
+	watched      atomic.Uint64
 	publishFails atomic.Uint64
 	kicks        *counterVec
 	logins       *counterVec
@@ -31,12 +34,13 @@ type stats struct {
 	refused      *counterVec // the embedded broker's refused connections
 	throttled    *counterVec // the rate limits' dropped messages, by where
 	disconnects  *counterVec // clients the embedded broker cut off
+	bans         *counterVec // Mosquitto accounts disabled for flooding, and enabled again
 	gauges       []gauge
 
-	mu       sync.Mutex
-	now      func() time.Time
-	dauDay   string
-	dauUsers map[string]bool
+	now func() time.Time
+	// dau returns the daily active users (set by the gateway: they are
+	// counted in the state, so that gateways sharing it agree).
+	dau func() int
 }
 
 type gauge struct {
@@ -155,18 +159,17 @@ func newStats(now func() time.Time, sessions func() (active, online int)) *stats
 		throttled: newCounterVec("chatgw_rate_limited_total", "Device messages over the per-device rate, by where they were dropped.", "where",
 			"broker", "gateway"),
 		disconnects: newCounterVec("chatgw_broker_disconnects_total", "Clients the embedded broker disconnected, by reason.", "reason", "flood"),
-		dauUsers:    map[string]bool{},
+		bans: newCounterVec("chatgw_flood_bans_total", "Device accounts the gateway disabled for flooding and enabled again through Mosquitto's dynamic-security plugin, and commands the plugin refused.", "action",
+			banDisabled, banEnabled, banError),
 	}
 	st.gauges = []gauge{
 		{"chatgw_sessions_active", "Sessions logged in (online or not).", func() float64 { a, _ := sessions(); return float64(a) }},
 		{"chatgw_sessions_online", "Sessions whose device is connected.", func() float64 { _, o := sessions(); return float64(o) }},
-		{"chatgw_daily_active_users", "Users online today (UTC).", func() float64 {
-			st.mu.Lock()
-			defer st.mu.Unlock()
-			if st.dauDay != st.now().UTC().Format(time.DateOnly) {
+		{"chatgw_daily_active_users", "Users who logged in or resumed today (UTC), fleet-wide.", func() float64 {
+			if st.dau == nil {
 				return 0
 			}
-			return float64(len(st.dauUsers))
+			return float64(st.dau())
 		}},
 	}
 	return st
@@ -194,25 +197,16 @@ func (st *stats) write(w io.Writer) {
 	st.drops.write(w)
 	st.evictions.write(w)
 	single("chatgw_state_commits_total", "State transactions written (one per batch of device messages that changed something).", st.commits.Load())
+	single("chatgw_state_record_writes_total", "Users' records written (each one compare-and-set).", st.recordWrites.Load())
+	single("chatgw_state_conflicts_total", "Compare-and-sets that lost to another gateway (the user was read again and decided again).", st.conflicts.Load())
+	single("chatgw_state_watched_total", "Records another gateway wrote, applied to this gateway's cache.", st.watched.Load())
 	single("chatgw_state_write_failures_total", "State writes that failed (the changes are kept and written again).", st.writeFails.Load())
 	single("chatgw_publish_failures_total", "Messages to devices the broker connection did not take.", st.publishFails.Load())
 	st.throttled.write(w)
 	st.refused.write(w)
 	st.disconnects.write(w)
+	st.bans.write(w)
 	for _, g := range st.gauges {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %s\n", g.name, g.help, g.name, g.name, strconv.FormatFloat(g.value(), 'g', -1, 64))
 	}
-}
-
-// active records that user was online today (UTC), for the daily active
-// users gauge.
-func (st *stats) active(user string, now time.Time) {
-	day := now.UTC().Format(time.DateOnly)
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if day != st.dauDay {
-		st.dauDay = day
-		clear(st.dauUsers)
-	}
-	st.dauUsers[user] = true
 }

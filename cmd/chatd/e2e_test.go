@@ -118,6 +118,7 @@ func (e *env) device(name, user string, extra string) *device {
 	if e.mosq != nil {
 		mqttSection = fmt.Sprintf("username = %q\npassword_file = %q\n", user, filepath.Join(e.dir, user+".pass"))
 	}
+	mqttSection += e.mqttCfg
 	cfg := fmt.Sprintf(`sdkappid = %s
 user_id = %q
 broker = %q

@@ -38,6 +38,9 @@ Usage:
   chatgw usersig gen --sdkappid N --key-file F --user U [--expire SECONDS] [--userbuf TEXT]
   chatgw usersig verify --sdkappid N --key-file F --user U SIG
   chatgw usersig decode SIG
+  chatgw nats-accounts --devices FILE --gateway-password-file FILE [flags]
+                                       write the accounts of a fleet on NATS
+  chatgw mosquitto-dynsec --fleet F --gateway-client-id ID --gateway-password-file F [--out FILE]
   chatgw --version
 `
 
@@ -55,6 +58,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	case "serve":
 		return serve(ctx, args[1:], stderr)
+	case "nats-accounts":
+		return natsAccounts(args[1:], stdout, stderr)
+	case "mosquitto-dynsec":
+		return mosquittoDynsec(args[1:], stdout, stderr)
 	case "usersig":
 		if len(args) < 2 {
 			return usageErr("usersig needs a subcommand: gen, verify or decode")
@@ -167,6 +174,16 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 		}
 		cfg.MaxExpiredAge = d
 	}
+	if fc.DynsecFloodBan != "" {
+		d, err := time.ParseDuration(fc.DynsecFloodBan)
+		if err != nil || d <= 0 {
+			return cfg, fmt.Errorf("dynsec_flood_ban %q: use a positive duration such as 1m", fc.DynsecFloodBan)
+		}
+		if fc.EmbeddedBroker != "" {
+			return cfg, errors.New("dynsec_flood_ban applies to Mosquitto with the dynamic-security plugin: the embedded broker cuts off flooding devices itself")
+		}
+		cfg.Broker.FloodBan = &gateway.FloodBan{Duration: d}
+	}
 	if fc.BrokerClientID != "" {
 		if fc.EmbeddedBroker != "" {
 			return cfg, errors.New("broker_client_id applies to an external broker only: on the embedded broker the gateway's connection is in-process and cannot be claimed")
@@ -190,7 +207,11 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 			return cfg, fmt.Errorf("admin_group %q: gid %q: %v", fc.AdminGroup, g.Gid, err)
 		}
 	}
+	if err := natsServeConfig(fc, &cfg); err != nil {
+		return cfg, err
+	}
 	switch {
+	case fc.NATS != "":
 	case fc.EmbeddedBroker != "" && fc.Broker != "":
 		return cfg, errors.New("choose one of --embedded-broker and --broker")
 	case fc.EmbeddedBroker != "":
@@ -214,7 +235,7 @@ func buildServeConfig(fc fileConfig) (gateway.ServeConfig, error) {
 			cfg.Broker.TLS = tc
 		}
 	default:
-		return cfg, errors.New("no broker: pass --embedded-broker HOST:PORT (for example 127.0.0.1:1883) or --broker URL")
+		return cfg, errors.New("no broker: pass --embedded-broker HOST:PORT (for example 127.0.0.1:1883), --broker URL or --nats URL,...")
 	}
 	return cfg, nil
 }

@@ -27,14 +27,28 @@ type fileConfig struct {
 	TLSCA              string `toml:"tls_ca"`
 	TLSCert            string `toml:"tls_cert"`
 	TLSKey             string `toml:"tls_key"`
-	State              string `toml:"state"`
-	Admin              string `toml:"admin"`
-	AdminGroup         string `toml:"admin_group"`
-	Policy             string `toml:"policy"`
-	MaxInstances       string `toml:"max_instances"`
-	KickedOffline      string `toml:"kicked_offline"` // "succeed" (default) or "fail"
-	TopicPrefix        string `toml:"topic_prefix"`
-	LogLevel           string `toml:"log_level"`
+	// A NATS cluster instead of an MQTT broker: the servers (comma
+	// separated), the gateway's credentials and TLS, its queue group, and
+	// the shared state's key-value bucket.
+	NATS             string `toml:"nats"`
+	NATSUser         string `toml:"nats_user"`
+	NATSPasswordFile string `toml:"nats_password_file"`
+	NATSCreds        string `toml:"nats_creds"`
+	NATSNkey         string `toml:"nats_nkey"`
+	NATSTLSCA        string `toml:"nats_tls_ca"`
+	NATSTLSCert      string `toml:"nats_tls_cert"`
+	NATSTLSKey       string `toml:"nats_tls_key"`
+	NATSQueue        string `toml:"nats_queue"`
+	NATSKVBucket     string `toml:"nats_kv_bucket"`
+	NATSKVReplicas   int    `toml:"nats_kv_replicas"`
+	State            string `toml:"state"`
+	Admin            string `toml:"admin"`
+	AdminGroup       string `toml:"admin_group"`
+	Policy           string `toml:"policy"`
+	MaxInstances     string `toml:"max_instances"`
+	KickedOffline    string `toml:"kicked_offline"` // "succeed" (default) or "fail"
+	TopicPrefix      string `toml:"topic_prefix"`
+	LogLevel         string `toml:"log_level"`
 	// Per-device message rate (messages per second) and burst, at the
 	// embedded broker and at the gateway.
 	DeviceRate  float64 `toml:"device_rate"`
@@ -42,6 +56,9 @@ type fileConfig struct {
 	// How long after its expiry a UserSig still gets a device onto the
 	// embedded broker (a Go duration, default 24h).
 	ExpiredUserSigGrace string `toml:"expired_usersig_grace"`
+	// How long a flooding device's account stays disabled through
+	// Mosquitto's dynamic-security plugin (a Go duration; empty: never).
+	DynsecFloodBan string `toml:"dynsec_flood_ban"`
 }
 
 // option is one setting of `chatgw serve`: the TOML key KEY is the flag
@@ -78,6 +95,24 @@ var options = []option{
 	{"tls_ca", "FILE", "CA certificate file for ssl:// brokers (default: the system's CAs)", str(func(fc *fileConfig) *string { return &fc.TLSCA })},
 	{"tls_cert", "FILE", "client certificate file for ssl:// brokers", str(func(fc *fileConfig) *string { return &fc.TLSCert })},
 	{"tls_key", "FILE", "client key file for ssl:// brokers", str(func(fc *fileConfig) *string { return &fc.TLSKey })},
+	{"nats", "URL,...", "a NATS cluster instead of an MQTT broker: its servers (nats://a:4222,nats://b:4222,...), tried in turn; devices connect to its MQTT listeners", str(func(fc *fileConfig) *string { return &fc.NATS })},
+	{"nats_user", "NAME", "the gateway's NATS user", str(func(fc *fileConfig) *string { return &fc.NATSUser })},
+	{"nats_password_file", "FILE", "file holding the NATS user's password", str(func(fc *fileConfig) *string { return &fc.NATSPasswordFile })},
+	{"nats_creds", "FILE", "NATS credentials file (user JWT and nkey seed) instead of a user and password", str(func(fc *fileConfig) *string { return &fc.NATSCreds })},
+	{"nats_nkey", "FILE", "NATS nkey seed file instead of a user and password", str(func(fc *fileConfig) *string { return &fc.NATSNkey })},
+	{"nats_tls_ca", "FILE", "CA certificate file for the NATS servers (default: the system's CAs when TLS is on)", str(func(fc *fileConfig) *string { return &fc.NATSTLSCA })},
+	{"nats_tls_cert", "FILE", "client certificate file for the NATS servers", str(func(fc *fileConfig) *string { return &fc.NATSTLSCert })},
+	{"nats_tls_key", "FILE", "client key file for the NATS servers", str(func(fc *fileConfig) *string { return &fc.NATSTLSKey })},
+	{"nats_queue", "NAME", "the queue group the fleet's gateways share on NATS (default chatgw)", str(func(fc *fileConfig) *string { return &fc.NATSQueue })},
+	{"nats_kv_bucket", "NAME", "the JetStream key-value bucket of the gateways' shared state (default chatgw)", str(func(fc *fileConfig) *string { return &fc.NATSKVBucket })},
+	{"nats_kv_replicas", "N", "replicas of that bucket, 1 to 5 (default 3)", func(fc *fileConfig, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return fmt.Errorf("%q is not a positive whole number of replicas", v)
+		}
+		fc.NATSKVReplicas = n
+		return nil
+	}},
 	{"state", "FILE", "state file (bbolt); empty keeps sessions in memory only", str(func(fc *fileConfig) *string { return &fc.State })},
 	{"admin", "ADDR", "admin API: a Unix socket path or a loopback HOST:PORT; empty: none", str(func(fc *fileConfig) *string { return &fc.Admin })},
 	{"admin_group", "GROUP", "group given the admin socket (mode 0660); default: chatgw's own group", str(func(fc *fileConfig) *string { return &fc.AdminGroup })},
@@ -103,6 +138,7 @@ var options = []option{
 		return nil
 	}},
 	{"expired_usersig_grace", "DURATION", "embedded broker only: how long after its expiry a UserSig still connects, so the device hears 70001 (default 24h)", str(func(fc *fileConfig) *string { return &fc.ExpiredUserSigGrace })},
+	{"dynsec_flood_ban", "DURATION", "Mosquitto with the dynamic-security plugin: disable a flooding device's account for this long (default: off)", str(func(fc *fileConfig) *string { return &fc.DynsecFloodBan })},
 }
 
 func (o option) flag() string { return strings.ReplaceAll(o.key, "_", "-") }
@@ -184,8 +220,8 @@ func (fc fileConfig) missing() string {
 	if fc.KeyFile == "" {
 		m = append(m, "key_file")
 	}
-	if fc.EmbeddedBroker == "" && fc.Broker == "" {
-		m = append(m, "embedded_broker or broker")
+	if fc.EmbeddedBroker == "" && fc.Broker == "" && fc.NATS == "" {
+		m = append(m, "embedded_broker, broker or nats")
 	}
 	return strings.Join(m, ", ")
 }

@@ -88,8 +88,8 @@ func TestServeConfigured(t *testing.T) {
 		wantCode int
 		wantErr  string
 	}{
-		{"empty file", []string{"serve", "--config", empty, "--configured"}, 1, "does not set sdkappid, key_file, embedded_broker or broker yet"},
-		{"no broker", []string{"serve", "--config", empty, "--sdkappid", "1", "--key-file", "k", "--configured"}, 1, "embedded_broker or broker"},
+		{"empty file", []string{"serve", "--config", empty, "--configured"}, 1, "does not set sdkappid, key_file, embedded_broker, broker or nats yet"},
+		{"no broker", []string{"serve", "--config", empty, "--sdkappid", "1", "--key-file", "k", "--configured"}, 1, "embedded_broker, broker or nats"},
 		{"configured", []string{"serve", "--config", full, "--configured"}, 0, ""},
 		{"broken file", []string{"serve", "--config", writeFile(t, "bad.toml", "sdkappid = \n"), "--configured"}, 0, "bad.toml"},
 	} {

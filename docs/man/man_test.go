@@ -87,6 +87,7 @@ func TestEveryFlagIsInItsPage(t *testing.T) {
 		}, 7},
 		{"chatgw.8", "chatgw", [][]string{
 			{"serve", "--help"}, {"usersig", "gen", "--help"}, {"usersig", "verify", "--help"},
+			{"nats-accounts", "--help"}, {"mosquitto-dynsec", "--help"},
 		}, 20},
 	} {
 		t.Run(tc.page, func(t *testing.T) {

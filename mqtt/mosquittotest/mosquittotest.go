@@ -55,6 +55,10 @@ type Config struct {
 	// Shipped adds the settings of build/mosquitto/mosquitto.conf's
 	// "Protocol behaviour" section (ShippedSettings).
 	Shipped bool
+	// Dynsec, if set, is a configuration file of the dynamic-security
+	// plugin (as `chatgw mosquitto-dynsec` writes it): the broker loads the
+	// plugin with a copy of it, and ACLFile and Users must be empty.
+	Dynsec string
 }
 
 // Broker is a running (or stopped) Mosquitto.
@@ -104,6 +108,21 @@ func Start(t testing.TB, cfg Config) *Broker {
 	if cfg.Shipped {
 		extra = ShippedSettings(t)
 	}
+	if cfg.Dynsec != "" {
+		if cfg.ACLFile != "" || len(cfg.Users) > 0 {
+			t.Fatal("mosquittotest: Dynsec replaces ACLFile and Users")
+		}
+		b, err := os.ReadFile(cfg.Dynsec)
+		if err != nil {
+			t.Fatalf("dynamic-security file: %v", err)
+		}
+		// The plugin rewrites its file on every change: give it a copy.
+		p := filepath.Join(dir, "dynamic-security.json")
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		extra = append(extra, "allow_anonymous false", "plugin "+DynsecPlugin(t), "plugin_opt_config_file "+p)
+	}
 	t.Cleanup(func() {
 		b.Stop()
 		if t.Failed() {
@@ -142,10 +161,11 @@ func config(port int, aclPath, passwdPath string, extra []string) string {
 		c.WriteString(line + "\n")
 	}
 	fmt.Fprintf(&c, "listener %d 127.0.0.1\n", port)
-	if passwdPath != "" {
+	switch {
+	case passwdPath != "":
 		c.WriteString("allow_anonymous false\n")
 		fmt.Fprintf(&c, "password_file %s\n", passwdPath)
-	} else {
+	case !slices.Contains(extra, "allow_anonymous false"):
 		c.WriteString("allow_anonymous true\n")
 	}
 	if aclPath != "" {
@@ -361,6 +381,36 @@ func Tool(t testing.TB, name string) string {
 		t.Fatalf("%s (%s not found; %s=1 makes this a failure)", installHint, name, RequireEnv)
 	}
 	t.Skip(installHint)
+	return ""
+}
+
+// DynsecPluginName is the file name of Mosquitto's dynamic-security plugin.
+const DynsecPluginName = "mosquitto_dynamic_security.so"
+
+// DynsecPlugin returns the path of the dynamic-security plugin: where the
+// mosquitto package put it (dpkg -L), else the first one in a library
+// directory (Debian puts it in the multiarch one, /usr/lib/<triplet>/). When
+// it is missing, it skips the test, or fails it if CHATD_REQUIRE_MOSQUITTO=1.
+func DynsecPlugin(t testing.TB) string {
+	t.Helper()
+	if out, err := exec.Command("dpkg", "-L", "mosquitto").Output(); err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			if filepath.Base(line) == DynsecPluginName {
+				if _, err := os.Stat(line); err == nil {
+					return line
+				}
+			}
+		}
+	}
+	for _, pat := range []string{"/usr/lib/*/", "/usr/lib/", "/usr/local/lib/", "/usr/lib64/"} {
+		if m, _ := filepath.Glob(pat + DynsecPluginName); len(m) > 0 {
+			return m[0]
+		}
+	}
+	if os.Getenv(RequireEnv) == "1" {
+		t.Fatalf("%s (%s not found; %s=1 makes this a failure)", installHint, DynsecPluginName, RequireEnv)
+	}
+	t.Skip(installHint + " (with its dynamic-security plugin)")
 	return ""
 }
 

@@ -5,7 +5,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -139,5 +141,30 @@ func TestShippedSettings(t *testing.T) {
 	alice.publish(t, marker.Topic, marker.Payload)
 	if diff := cmp.Diff([]msg{marker}, gw.in.until(t, marker)); diff != "" {
 		t.Errorf("the gateway received (-want +got):\n%s", diff)
+	}
+}
+
+// The shipped configuration's dynamic-security lines name the plugin the
+// tests load, where the installed package has it.
+func TestShippedDynsecLines(t *testing.T) {
+	plugin := mosquittotest.DynsecPlugin(t)
+	b, err := os.ReadFile(filepath.Join("..", "..", "build", "mosquitto", "mosquitto.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shipped, file string
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "#plugin "); ok {
+			shipped = v
+		}
+		if v, ok := strings.CutPrefix(line, "#plugin_opt_config_file "); ok {
+			file = v
+		}
+	}
+	if filepath.Base(shipped) != mosquittotest.DynsecPluginName || file == "" {
+		t.Fatalf("mosquitto.conf: plugin %q, config file %q", shipped, file)
+	}
+	if runtime.GOARCH == "amd64" && shipped != plugin {
+		t.Errorf("mosquitto.conf names %s; the mosquitto package installed %s", shipped, plugin)
 	}
 }

@@ -1,0 +1,467 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"chatd/mqtt"
+)
+
+// NATSOptions say how the gateway reaches a NATS cluster. Devices connect
+// to the cluster's MQTT listeners; the gateway speaks the NATS protocol to
+// the same servers and account.
+type NATSOptions struct {
+	// URLs are the servers to try (nats://, tls://), in any order; the
+	// client fails over between them and learns the rest of the cluster
+	// from the servers. Ignored when Conn is set.
+	URLs []string
+	// Credentials: a user and password, a creds file (a user JWT and its
+	// nkey seed), or an nkey seed file: at most one kind.
+	User      string
+	Password  string
+	CredsFile string
+	NkeyFile  string
+	// TLS, when set, is used for every server (tls:// URLs need it or the
+	// system's CAs).
+	TLS *tls.Config
+	// Queue is the queue group the gateways of a fleet share: each device
+	// message goes to one of them (default DefaultNATSQueue).
+	Queue string
+	// Name is the connection's name in the servers' monitoring (default
+	// "chatgw").
+	Name string
+	// Conn, when set, is an open connection (from DialNATS) that ServeNATS
+	// uses and leaves open; otherwise ServeNATS dials and closes its own.
+	Conn *nats.Conn
+	// QueueSize, PerDeviceQueue, RateLimit and PublishTimeout are as in
+	// BrokerOptions.
+	QueueSize      int
+	PerDeviceQueue int
+	RateLimit      RateLimit
+	PublishTimeout time.Duration
+}
+
+// DefaultNATSQueue is the queue group of the gateways when none is set.
+const DefaultNATSQueue = "chatgw"
+
+// mqttPubHeader is the header nats-server's MQTT bridge reads on messages
+// from NATS publishers: the QoS to deliver at (and, after it, the MQTT
+// publish flags). With "1", the server delivers the core message only to
+// QoS 0 subscriptions and leaves QoS 1 subscriptions to the copy stored
+// under mqttMsgsPrefix, so each subscriber gets the message once.
+const mqttPubHeader = "Nmqtt-Pub"
+
+// mqttMsgsPrefix is where nats-server keeps the QoS 1 messages for MQTT
+// subscriptions (its "$MQTT_msgs" stream): a message stored there under
+// the subject of a device's down topic is delivered, and redelivered until
+// acknowledged, to the QoS 1 subscription of that device's session,
+// including a persistent session whose device is away for a while.
+const mqttMsgsPrefix = "$MQTT.msgs."
+
+// topicToSubject maps an MQTT topic of the layout (no empty level) to the
+// subject nats-server gives it: levels become tokens, and a '.' inside a
+// level becomes "//". A level that would be a NATS wildcard ("*", ">")
+// or has characters no subject may hold cannot be confined and is refused.
+func topicToSubject(topic string) (string, error) {
+	levels := strings.Split(topic, "/")
+	for i, l := range levels {
+		switch {
+		case l == "":
+			return "", fmt.Errorf("topic %q has an empty level", topic)
+		case l == "*" || l == ">":
+			return "", fmt.Errorf("topic %q has the level %q, a wildcard on NATS", topic, l)
+		case strings.ContainsAny(l, " \t\r\n\f\x7f\x00"):
+			return "", fmt.Errorf("topic %q has white space or control characters", topic)
+		}
+		levels[i] = strings.ReplaceAll(l, ".", "//")
+	}
+	return strings.Join(levels, "."), nil
+}
+
+// NATSSubject is the subject nats-server's MQTT listener gives topic, a
+// topic of the layout; an error when the topic cannot be confined on NATS
+// (a level that is a wildcard token, an empty level, white space).
+func NATSSubject(topic string) (string, error) { return topicToSubject(topic) }
+
+// NATSUpSubject is the subject the gateways subscribe to on NATS: every
+// device's up topic.
+func NATSUpSubject(t mqtt.Topics) (string, error) { return natsUpSubject(t) }
+
+// subjectToTopic is topicToSubject's inverse: it refuses what no topic of
+// the layout maps to (empty levels, a '/' that is not part of "//",
+// wildcard tokens).
+func subjectToTopic(subject string) (string, error) {
+	tokens := strings.Split(subject, ".")
+	for i, tk := range tokens {
+		if tk == "" || tk == "*" || tk == ">" {
+			return "", fmt.Errorf("subject %q has the token %q", subject, tk)
+		}
+		l := strings.ReplaceAll(tk, "//", ".")
+		if strings.Contains(l, "/") {
+			return "", fmt.Errorf("subject %q: token %q is no topic level of the layout", subject, tk)
+		}
+		tokens[i] = l
+	}
+	return strings.Join(tokens, "/"), nil
+}
+
+// natsUpSubject is the subject the gateways subscribe to: every device's
+// up topic.
+func natsUpSubject(t mqtt.Topics) (string, error) {
+	s, err := topicToSubject(strings.TrimSuffix(t.UpFilter(), "/+/+"))
+	if err != nil {
+		return "", fmt.Errorf("topic prefix %q on NATS: %w", t.Prefix, err)
+	}
+	return s + ".*.*", nil
+}
+
+// natsPublisher sends answers and pushes to a device's down topic, once as
+// a core message (for QoS 0 subscriptions, whichever server the device is
+// on) and once into the MQTT message stream (for QoS 1 subscriptions,
+// persistent sessions included). Both are buffered writes: Publish never
+// waits for the network (a full reconnect buffer is an error).
+type natsPublisher struct {
+	nc *nats.Conn
+}
+
+func (p natsPublisher) Publish(topic string, qos byte, payload []byte) error {
+	subj, err := topicToSubject(topic)
+	if err != nil {
+		return err
+	}
+	h := nats.Header{}
+	h.Set(mqttPubHeader, string('0'+rune(min(qos, 1))))
+	if err := p.nc.PublishMsg(&nats.Msg{Subject: subj, Header: h, Data: payload}); err != nil {
+		return err
+	}
+	if qos == 0 {
+		return nil
+	}
+	return p.nc.PublishMsg(&nats.Msg{Subject: mqttMsgsPrefix + subj, Header: h, Data: payload})
+}
+
+// reconnectDelay is the wait before the attempt-th pass over the servers:
+// doubling from 250 ms to 10 s, with jitter.
+func reconnectDelay(attempt int) time.Duration {
+	d := 10 * time.Second
+	if attempt < 6 {
+		d = 250 * time.Millisecond << attempt
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+func (no *NATSOptions) defaults() {
+	if no.Queue == "" {
+		no.Queue = DefaultNATSQueue
+	}
+	if no.Name == "" {
+		no.Name = "chatgw"
+	}
+	if no.QueueSize == 0 {
+		no.QueueSize = 4096
+	}
+	if no.PerDeviceQueue == 0 {
+		no.PerDeviceQueue = 8
+	}
+	if no.RateLimit == (RateLimit{}) {
+		no.RateLimit = DefaultRateLimit
+	}
+	if no.PublishTimeout == 0 {
+		no.PublishTimeout = 5 * time.Second
+	}
+}
+
+// DialNATS opens the gateway's connection to the cluster. It returns at
+// once, also when no server answers yet: the client keeps trying every
+// server forever, with backoff, and reconnects the same way after a loss.
+// Permanent mistakes (no URL, conflicting credentials, unreadable creds
+// file) are errors.
+func DialNATS(no NATSOptions) (*nats.Conn, error) {
+	no.defaults()
+	if len(no.URLs) == 0 {
+		return nil, errors.New("no NATS server: pass --nats nats://host:4222[,nats://host2:4222...]")
+	}
+	kinds := 0
+	for _, set := range []bool{no.User != "" || no.Password != "", no.CredsFile != "", no.NkeyFile != ""} {
+		if set {
+			kinds++
+		}
+	}
+	if kinds > 1 {
+		return nil, errors.New("NATS credentials: use one of a user and password, a creds file or an nkey seed file")
+	}
+	opts := []nats.Option{
+		nats.Name(no.Name),
+		nats.RetryOnFailedConnect(true),
+		nats.MaxReconnects(-1),
+		nats.CustomReconnectDelay(reconnectDelay),
+		nats.Timeout(10 * time.Second),
+		nats.PingInterval(10 * time.Second),
+		nats.MaxPingsOutstanding(2),
+		// A publish never waits longer than this for a slow socket.
+		nats.FlusherTimeout(no.PublishTimeout),
+		// What waits while reconnecting is bounded: past it, Publish fails
+		// and the message is counted as a publish failure.
+		nats.ReconnectBufSize(8 << 20),
+		// A closed connection is restarted by Run's caller, never here.
+		nats.NoCallbacksAfterClientClose(),
+	}
+	switch {
+	case no.User != "":
+		opts = append(opts, nats.UserInfo(no.User, no.Password))
+	case no.Password != "":
+		return nil, errors.New("NATS: a password without a user (--nats-user)")
+	case no.CredsFile != "":
+		opts = append(opts, nats.UserCredentials(no.CredsFile))
+	case no.NkeyFile != "":
+		o, err := nats.NkeyOptionFromSeed(no.NkeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("NATS nkey seed file %s: %w", no.NkeyFile, err)
+		}
+		opts = append(opts, o)
+	}
+	if no.TLS != nil {
+		opts = append(opts, nats.Secure(no.TLS))
+	}
+	nc, err := nats.Connect(strings.Join(no.URLs, ","), opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to NATS %s: %w", strings.Join(no.URLs, ","), err)
+	}
+	return nc, nil
+}
+
+// ServeNATS serves the devices of a NATS cluster until ctx ends: it
+// subscribes to every device's up subject in the queue group no.Queue, so
+// that each message is handled by exactly one gateway of the group, and
+// publishes answers and pushes to the device's down topic (see
+// natsPublisher), which reach the device whichever server it is connected
+// to. Messages go through the same rate limit, per-device fair queue and
+// group commit as on an MQTT broker.
+//
+// A core NATS subscription has no acknowledgements: what a gateway had
+// queued when it died is lost, and the devices send their requests again
+// (they resend until answered). Messages that do not map back to a topic
+// of the layout are dropped and counted (bad_topic).
+func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
+	no.defaults()
+	upSubject, err := natsUpSubject(g.topics)
+	if err != nil {
+		return err
+	}
+	nc := no.Conn
+	if nc == nil {
+		if nc, err = DialNATS(no); err != nil {
+			return err
+		}
+		defer nc.Close()
+	}
+	q := newFairQueue[inbound](no.PerDeviceQueue, no.QueueSize)
+	g.queue.Store(q)
+	lim := newLimiter(no.RateLimit)
+	var limMu sync.Mutex
+
+	// A connection change wakes the readiness loop below.
+	changed := make(chan struct{}, 1)
+	poke := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	nc.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
+		g.brokerUp.Store(false)
+		g.log.Warn("lost the NATS connection; reconnecting", "err", err)
+		poke()
+	})
+	nc.SetReconnectHandler(func(c *nats.Conn) {
+		g.brokerUp.Store(true)
+		g.log.Info("reconnected to NATS", "server", c.ConnectedUrlRedacted())
+		poke()
+	})
+	nc.SetClosedHandler(func(*nats.Conn) { g.brokerUp.Store(false); poke() })
+	// A refused subscription is permanent until the accounts are fixed:
+	// ServeNATS returns it.
+	refused := make(chan error, 1)
+	nc.SetErrorHandler(func(_ *nats.Conn, s *nats.Subscription, err error) {
+		subj := ""
+		if s != nil {
+			subj = s.Subject
+		}
+		g.log.Error("NATS error", "subject", subj, "err", err)
+		if refusesSub(err, upSubject) {
+			select {
+			case refused <- fmt.Errorf("NATS refused the gateway's subscription to %s in queue group %s: %w (give the gateway's user these permissions: chatgw nats-accounts writes them)", upSubject, no.Queue, err):
+			default:
+			}
+		}
+	})
+
+	handler := func(m *nats.Msg) {
+		topic, err := subjectToTopic(m.Subject)
+		if err != nil {
+			g.stats.dropped(dropBadTopic)
+			g.log.Debug("dropped message", "subject", m.Subject, "err", err)
+			return
+		}
+		user, instance, err := g.parseUp(topic)
+		if err != nil {
+			g.stats.dropped(dropBadTopic)
+			g.log.Debug("dropped message", "topic", topic, "err", err)
+			return
+		}
+		key := instKey(user, instance)
+		limMu.Lock()
+		ok := lim.allow(key, time.Now())
+		limMu.Unlock()
+		if !ok {
+			g.stats.dropped(dropRateLimited)
+			g.stats.throttled.With("gateway").Add(1)
+			return
+		}
+		g.enqueueInbound(q, key, inbound{topic: topic, payload: m.Data})
+	}
+	sub, err := nc.QueueSubscribe(upSubject, no.Queue, handler)
+	if err != nil {
+		return fmt.Errorf("subscribing to %s in queue group %s: %w", upSubject, no.Queue, err)
+	}
+	// The fair queue bounds what waits; this only keeps a stalled gateway
+	// from holding unbounded memory in the client.
+	sub.SetPendingLimits(4*no.QueueSize, 64<<20)
+	g.SetPublisher(natsPublisher{nc})
+	g.brokerUp.Store(nc.IsConnected())
+
+	timersDone := make(chan error, 1)
+	senderDone := make(chan struct{})
+	readyDone := make(chan struct{})
+	tctx, cancelTimers := context.WithCancel(ctx)
+	go func() { timersDone <- g.RunTimers(tctx) }()
+	go func() { g.runSender(tctx); close(senderDone) }()
+	go func() {
+		defer close(readyDone)
+		g.awaitNATSSubscription(tctx, nc, upSubject, no.Queue, changed)
+	}()
+	defer func() {
+		cancelTimers()
+		<-timersDone
+		<-senderDone
+		<-readyDone
+		sub.Unsubscribe()
+		// What was decided goes out before the connection is left.
+		g.sendQueued()
+		nc.FlushTimeout(2 * time.Second)
+		if no.Conn != nil {
+			nc.SetDisconnectErrHandler(nil)
+			nc.SetReconnectHandler(nil)
+			nc.SetClosedHandler(nil)
+		}
+		g.brokerUp.Store(false)
+		g.SetPublisher(nil)
+	}()
+	qctx, stop := context.WithCancel(ctx)
+	defer stop()
+	var fatal error
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		select {
+		case fatal = <-refused:
+			stop()
+		case <-qctx.Done():
+		}
+	}()
+	for g.handleQueued(qctx, q) {
+	}
+	stop()
+	<-watchDone
+	if fatal == nil {
+		g.drainNATS(sub, q)
+	}
+	return fatal
+}
+
+// drainTimeout bounds the handling of what is queued at shutdown.
+const drainTimeout = 5 * time.Second
+
+// drainNATS leaves the queue group at shutdown so that the other gateways
+// get the devices' next messages, and handles what this gateway had
+// already received instead of dropping it (its devices would have to send
+// it again); the deferred end of ServeNATS then sends the answers.
+func (g *Gateway) drainNATS(sub *nats.Subscription, q *fairQueue[inbound]) {
+	deadline := time.Now().Add(drainTimeout)
+	if err := sub.Drain(); err == nil {
+		for sub.IsDraining() && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	n := 0
+	for time.Now().Before(deadline) {
+		var batch []inbound
+		for len(batch) < maxBatch {
+			m, ok := q.tryPop()
+			if !ok {
+				break
+			}
+			batch = append(batch, m)
+		}
+		if len(batch) == 0 {
+			break
+		}
+		g.HandleMessages(batch)
+		n += len(batch)
+	}
+	if n > 0 {
+		g.log.Info("left the queue group; handled the messages already received", "messages", n)
+	}
+}
+
+// refusesSub reports whether err is the server refusing a subscription to
+// subject.
+func refusesSub(err error, subject string) bool {
+	return errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), "Subscription to \""+subject+"\"")
+}
+
+// awaitNATSSubscription marks the gateway ready once the server has
+// confirmed the subscription (a flush round trip after it while
+// connected), trying again at every connection change and every second.
+func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subject, queue string, changed <-chan struct{}) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		if nc.IsConnected() {
+			g.brokerUp.Store(true)
+			fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := nc.FlushWithContext(fctx)
+			cancel()
+			if err == nil {
+				// The server answers a refused SUB with an error before
+				// the flush's PONG, and the client records it first.
+				if refusesSub(nc.LastError(), subject) {
+					return
+				}
+				g.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "subject", subject, "queue", queue)
+				g.subscribedOnce.Do(func() {
+					g.log.Info("gateway ready: subscribed to the device topics", "filter", g.topics.UpFilter(), "subject", subject, "queue", queue)
+					close(g.subscribed)
+				})
+				return
+			}
+			if ctx.Err() == nil {
+				g.log.Warn("NATS subscription not confirmed yet; retrying", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,469 @@
+package gateway
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"chatd/mqtt"
+)
+
+func TestNATSTopicMapping(t *testing.T) {
+	for _, tc := range []struct{ topic, subject string }{
+		{"chat/v1/up/alice/inst-a", "chat.v1.up.alice.inst-a"},
+		{"chat/v1/up/a.b/i", "chat.v1.up.a//b.i"},
+		{"chat/v1/up/.a./i", "chat.v1.up.//a//.i"},
+		{"chat/v1/up/./i", "chat.v1.up.//.i"},
+		{"chat/v1/up/a..b/i", "chat.v1.up.a////b.i"},
+		{"chat/v1/down/a*b/i", "chat.v1.down.a*b.i"},
+		{"chat/v1/down/>x/i", "chat.v1.down.>x.i"},
+		{"chat/v1/down/~_-=$/i", "chat.v1.down.~_-=$.i"},
+		{"acme.eu/v1/up/u/i", "acme//eu.v1.up.u.i"},
+	} {
+		t.Run(tc.topic, func(t *testing.T) {
+			s, err := topicToSubject(tc.topic)
+			if err != nil || s != tc.subject {
+				t.Fatalf("topicToSubject = %q, %v; want %q", s, err, tc.subject)
+			}
+			back, err := subjectToTopic(s)
+			if err != nil || back != tc.topic {
+				t.Fatalf("subjectToTopic(%q) = %q, %v; want %q", s, back, err, tc.topic)
+			}
+		})
+	}
+	for _, topic := range []string{"chat/v1/up/*/i", "chat/v1/up/>/i", "chat/v1/up//i", "chat/v1/up/a b/i", "/chat", "chat/"} {
+		if s, err := topicToSubject(topic); err == nil {
+			t.Errorf("topicToSubject(%q) = %q, want an error", topic, s)
+		}
+	}
+	// What no topic of the layout maps to (nats-server writes empty levels
+	// with a single '/').
+	for _, subj := range []string{"chat.v1.up.*.i", "chat.v1.up.>", "chat.v1.up./.i", "chat.v1.up.a/.i", "chat.v1.up.a///b.i", "chat..v1"} {
+		if topic, err := subjectToTopic(subj); err == nil {
+			t.Errorf("subjectToTopic(%q) = %q, want an error", subj, topic)
+		}
+	}
+	if s, err := natsUpSubject(mqtt.Topics{Prefix: "acme.eu/chat"}); err != nil || s != "acme//eu.chat.v1.up.*.*" {
+		t.Errorf("up subject = %q, %v", s, err)
+	}
+	if _, err := natsUpSubject(mqtt.Topics{Prefix: "acme/*"}); err == nil {
+		t.Error("a prefix with a wildcard level was accepted")
+	}
+}
+
+// freePort returns a loopback TCP port nobody listens on now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// natsNode is an in-process nats-server with JetStream and an MQTT
+// listener on loopback.
+type natsNode struct {
+	s    *server.Server
+	conf string
+	nats string // nats://127.0.0.1:port
+	mqtt string // tcp://127.0.0.1:port
+}
+
+// startNATSNode runs nats-server with conf (its listeners, server name and
+// store are added here) until the test ends.
+func startNATSNode(t *testing.T, conf string) *natsNode {
+	t.Helper()
+	dir := t.TempDir()
+	np, mp := freePort(t), freePort(t)
+	full := fmt.Sprintf("server_name: n1\nlisten: 127.0.0.1:%d\njetstream { store_dir: %q }\nmqtt { listen: 127.0.0.1:%d }\n%s\n", np, filepath.Join(dir, "js"), mp, conf)
+	path := filepath.Join(dir, "nats.conf")
+	if err := os.WriteFile(path, []byte(full), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n := &natsNode{conf: path, nats: "nats://127.0.0.1:" + strconv.Itoa(np), mqtt: "tcp://127.0.0.1:" + strconv.Itoa(mp)}
+	n.start(t)
+	t.Cleanup(n.stop)
+	return n
+}
+
+func (n *natsNode) start(t *testing.T) {
+	t.Helper()
+	opts, err := server.ProcessConfigFile(n.conf)
+	if err != nil {
+		t.Fatalf("nats config: %v", err)
+	}
+	opts.NoSigs = true
+	s, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if testing.Verbose() {
+		s.ConfigureLogger()
+	}
+	s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready within 10s")
+	}
+	n.s = s
+}
+
+func (n *natsNode) stop() {
+	if n.s != nil {
+		n.s.Shutdown()
+		n.s.WaitForShutdown()
+		n.s = nil
+	}
+}
+
+// natsWorld is a gateway serving the devices of a NATS server.
+func natsWorld(t *testing.T, n *natsNode, mod func(*ServeConfig)) *world {
+	t.Helper()
+	w := startWorld(t, func(c *ServeConfig) {
+		c.EmbeddedBroker = ""
+		c.NATS = NATSOptions{URLs: []string{n.nats}}
+		if mod != nil {
+			mod(c)
+		}
+	})
+	w.broker = n.mqtt
+	return w
+}
+
+func skipShort(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts nats-server (skipped with -short)")
+	}
+}
+
+// Devices on the MQTT listener log in, are kicked and resume through a
+// gateway on the NATS protocol, with UserIDs using every character the
+// topic mapping transforms.
+func TestServeNATSLoginKickResume(t *testing.T) {
+	skipShort(t)
+	n := startNATSNode(t, "")
+	w := natsWorld(t, n, nil)
+	if m := w.metrics(); !strings.Contains(m, "chatgw_broker_connected 1\n") {
+		t.Errorf("not connected:\n%s", grep(m, "broker_connected"))
+	}
+	// Client ids are one namespace per NATS account: each device its own.
+	for i, user := range []string{"alice", "a.b", ".dot.", "x-y_z", "k=v~", "a*b", "a>b", "$x", "..."} {
+		t.Run(user, func(t *testing.T) {
+			sig := w.sig(user, time.Hour)
+			ia, ib := fmt.Sprintf("inst-a%d", i), fmt.Sprintf("inst-b%d", i)
+			a := w.dial(user, ia, sig)
+			ra := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig, Platform: "Linux"})
+			if ra.Code != 0 {
+				t.Fatalf("login: %+v", ra)
+			}
+			b := w.dial(user, ib, sig)
+			if rb := request(t, b, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig, Platform: "Android"}); rb.Code != 0 {
+				t.Fatalf("second login: %+v", rb)
+			}
+			if k := push(t, a, 5*time.Second); k.Type != mqtt.TypeKick || k.Session != ra.Session {
+				t.Fatalf("push = %+v, want the kick of %s", k, ra.Session)
+			}
+			u := w.user(user)
+			if len(u.Sessions) != 1 || u.Sessions[0].Instance != ib {
+				t.Errorf("sessions of %q: %+v", user, u.Sessions)
+			}
+			if r := request(t, b, mqtt.Message{Type: mqtt.TypeResume, Session: u.Sessions[0].ID}); r.Code != 0 {
+				t.Errorf("resume: %+v", r)
+			}
+		})
+	}
+}
+
+// A UserID that is a NATS wildcard ("*", ">") breaks the subject layout:
+// what comes from it is dropped and counted, and nobody is answered.
+func TestServeNATSWildcardUserIDs(t *testing.T) {
+	skipShort(t)
+	n := startNATSNode(t, "")
+	w := natsWorld(t, n, nil)
+	victim := w.dial("alice", "inst-a", w.sig("alice", time.Hour))
+	for i, user := range []string{"*", ">"} {
+		c, err := rawClient(t, n.mqtt, user, fmt.Sprintf("wild%d", i), "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan string, 4)
+		c.Subscribe("chat/v1/down/"+user+"/inst-a", 1, func(_ paho.Client, m paho.Message) { got <- m.Topic() }).WaitTimeout(5 * time.Second)
+		c.Publish("chat/v1/up/"+user+"/inst-a", 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "w", UserSig: w.sig(user, time.Hour)})).WaitTimeout(5 * time.Second)
+		select {
+		case m := <-got:
+			t.Errorf("UserID %q was answered on %s", user, m)
+		case <-time.After(time.Second):
+		}
+	}
+	select {
+	case m := <-victim.Pushes():
+		t.Errorf("alice was sent %+v", m)
+	default:
+	}
+	if u := w.user("alice"); len(u.Sessions) != 0 {
+		t.Errorf("alice's sessions: %+v", u.Sessions)
+	}
+	m := w.metrics()
+	if !strings.Contains(m, `chatgw_messages_dropped_total{reason="bad_topic"} 2`+"\n") {
+		t.Errorf("wildcard UserIDs not dropped as bad_topic:\n%s", grep(m, "dropped"))
+	}
+	for _, l := range strings.Split(grep(m, "chatgw_logins_total{"), "\n") {
+		if !strings.HasSuffix(l, " 0") {
+			t.Errorf("a wildcard UserID was answered: %s", l)
+		}
+	}
+}
+
+// A device with a persistent session (clean session off) and a QoS 1
+// subscription that is away when a kick is sent gets it when it comes
+// back: the gateway stores downs in the MQTT message stream.
+func TestServeNATSPersistentSessionGetsPushLater(t *testing.T) {
+	skipShort(t)
+	n := startNATSNode(t, "")
+	w := natsWorld(t, n, nil)
+	sig := w.sig("alice", time.Hour)
+	got := make(chan mqtt.Message, 8)
+	onMsg := func(_ paho.Client, m paho.Message) {
+		if msg, err := mqtt.Decode(m.Payload()); err == nil {
+			got <- msg
+		}
+	}
+	connect := func() paho.Client {
+		o := paho.NewClientOptions().AddBroker(n.mqtt).SetClientID("inst-p").SetUsername("alice").SetPassword(sig).
+			SetCleanSession(false).SetAutoReconnect(false).SetDefaultPublishHandler(onMsg)
+		c := paho.NewClient(o)
+		if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("connect: %v", tok.Error())
+		}
+		return c
+	}
+	c := connect()
+	if tok := c.Subscribe("chat/v1/down/alice/inst-p", 1, onMsg); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	c.Publish("chat/v1/up/alice/inst-p", 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: sig, Platform: "Linux"}))
+	var session string
+	select {
+	case r := <-got:
+		if r.Type != mqtt.TypeLoginResult || r.Code != 0 {
+			t.Fatalf("login: %+v", r)
+		}
+		session = r.Session
+	case <-time.After(10 * time.Second):
+		t.Fatal("no login answer")
+	}
+	c.Disconnect(100) // away, its session kept by NATS
+	b := w.dial("alice", "inst-b", sig)
+	if r := request(t, b, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig, Platform: "Android"}); r.Code != 0 {
+		t.Fatalf("second login: %+v", r)
+	}
+	time.Sleep(300 * time.Millisecond) // the kick is out while inst-p is away
+	c = connect()
+	defer c.Disconnect(0)
+	select {
+	case k := <-got:
+		if k.Type != mqtt.TypeKick || k.Session != session {
+			t.Errorf("after coming back: %+v, want the kick of %s", k, session)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the kick sent while the device was away never arrived")
+	}
+	select {
+	case m := <-got:
+		t.Errorf("a second message: %+v", m)
+	case <-time.After(500 * time.Millisecond):
+	}
+}
+
+// Two gateways in one queue group share the logins: each handles some,
+// every request is answered exactly once.
+func TestServeNATSQueueGroupSharesLogins(t *testing.T) {
+	skipShort(t)
+	n := startNATSNode(t, "")
+	w1 := natsWorld(t, n, nil)
+	w2 := natsWorld(t, n, nil)
+	const devices = 40
+	var mu sync.Mutex
+	answers := map[string]int{} // user -> answers seen
+	var wg sync.WaitGroup
+	for i := range devices {
+		user := fmt.Sprintf("u%02d", i)
+		c, err := rawClient(t, n.mqtt, user, "inst-"+user, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		var once sync.Once
+		if tok := c.Subscribe("chat/v1/down/"+user+"/inst", 1, func(_ paho.Client, m paho.Message) {
+			mu.Lock()
+			answers[user]++
+			mu.Unlock()
+			once.Do(func() { close(done) })
+		}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.Publish("chat/v1/up/"+user+"/inst", 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "1", UserSig: w1.sig(user, time.Hour), Platform: "Linux"}))
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Errorf("%s: no answer", user)
+			}
+		}()
+	}
+	wg.Wait()
+	time.Sleep(500 * time.Millisecond) // a duplicate answer would be on its way
+	var l1, l2 struct{ Sessions []Session }
+	w1.getJSON("/v1/sessions", &l1)
+	w2.getJSON("/v1/sessions", &l2)
+	s1, s2 := l1.Sessions, l2.Sessions
+	if len(s1) == 0 || len(s2) == 0 || len(s1)+len(s2) != devices {
+		t.Errorf("sessions per gateway: %d and %d, want both > 0 and %d in all", len(s1), len(s2), devices)
+	}
+	seen := map[string]bool{}
+	for _, s := range append(s1, s2...) {
+		if seen[s.UserID] {
+			t.Errorf("%s has a session on both gateways", s.UserID)
+		}
+		seen[s.UserID] = true
+	}
+	want := map[string]int{}
+	for i := range devices {
+		want[fmt.Sprintf("u%02d", i)] = 1
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if diff := cmp.Diff(want, answers); diff != "" {
+		t.Errorf("answers per device (-want +got):\n%s", diff)
+	}
+}
+
+// waitFor polls cond until it holds or 15 s passed.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 15s for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// The gateway rides out its NATS server going away: the gauge says so, it
+// reconnects by itself when the server is back, and devices get answers
+// again; the session made before is still there.
+func TestServeNATSReconnects(t *testing.T) {
+	skipShort(t)
+	n := startNATSNode(t, "")
+	w := natsWorld(t, n, nil)
+	sig := w.sig("alice", time.Hour)
+	a := w.dial("alice", "inst-a", sig)
+	r := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig})
+	if r.Code != 0 {
+		t.Fatalf("login: %+v", r)
+	}
+	n.stop()
+	waitFor(t, "chatgw_broker_connected 0", func() bool { return strings.Contains(w.metrics(), "chatgw_broker_connected 0\n") })
+	n.start(t)
+	waitFor(t, "chatgw_broker_connected 1", func() bool { return strings.Contains(w.metrics(), "chatgw_broker_connected 1\n") })
+	a2 := w.dial("alice", "inst-a", sig)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	// The gateway's subscription is renewed on the reconnect; until then a
+	// request is resent.
+	res, err := a2.Request(ctx, mqtt.Message{Type: mqtt.TypeResume, Session: r.Session})
+	if err != nil || res.Code != 0 {
+		t.Fatalf("resume after the server came back: %+v %v", res, err)
+	}
+}
+
+// writeTestPKI writes a CA and a certificate with key for 127.0.0.1 signed
+// by it, for the server and the client, into dir.
+func writeTestPKI(t *testing.T, dir string) (ca, cert, key string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cert, key = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for p, b := range map[string][]byte{
+		ca:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		cert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		key:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}),
+	} {
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ca, cert, key
+}
+
+// The gateway reaches a NATS server that requires TLS with a client
+// certificate, with the CA, certificate and key the CLI loads.
+func TestServeNATSTLS(t *testing.T) {
+	skipShort(t)
+	ca, cert, key := writeTestPKI(t, t.TempDir())
+	n := startNATSNode(t, fmt.Sprintf("tls { cert_file: %q, key_file: %q, ca_file: %q, verify: true }", cert, key, ca))
+	if nc, err := nats.Connect(strings.Replace(n.nats, "nats://", "tls://", 1), nats.RootCAs(ca), nats.NoReconnect()); err == nil {
+		nc.Close()
+		t.Fatal("the server took a client without a certificate: the test proves nothing")
+	}
+	tc, err := mqtt.LoadTLS(ca, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := natsWorld(t, n, func(c *ServeConfig) {
+		c.NATS = NATSOptions{URLs: []string{strings.Replace(n.nats, "nats://", "tls://", 1)}, TLS: tc}
+	})
+	sig := w.sig("alice", time.Hour)
+	a := w.dial("alice", "inst-a", sig)
+	if r := request(t, a, mqtt.Message{Type: mqtt.TypeLogin, UserSig: sig}); r.Code != 0 {
+		t.Fatalf("login through a gateway on TLS: %+v", r)
+	}
+}
