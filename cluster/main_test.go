@@ -66,6 +66,23 @@ func requireNATSGateway(t testing.TB) {
 	}
 }
 
+var (
+	accOnce sync.Once
+	accHas  bool
+)
+
+// hasAccountsCommand says whether this chatgw has the provisioning
+// subcommand (`chatgw --help` lists nats-accounts); without it the tests
+// use the fixture's own include of the same shape.
+func hasAccountsCommand(t testing.TB) bool {
+	bin := proctest.Binary(t, "chatgw")
+	accOnce.Do(func() {
+		out, _ := exec.Command(bin, "--help").CombinedOutput()
+		accHas = regexp.MustCompile(`(?m)^\s+chatgw nats-accounts\s`).Match(out)
+	})
+	return accHas
+}
+
 // env is a cluster with its gateways, the key and the device credentials.
 type env struct {
 	t       testing.TB
@@ -100,17 +117,34 @@ func newClusterEnv(t testing.TB, users []string, nodes int) *env {
 	e.gwPass = filepath.Join(e.dir, "gw.pass")
 	os.WriteFile(e.gwPass, []byte("gw-secret\n"), 0o600)
 	acc := natstest.Accounts{Gateway: natstest.User{Name: "chatgw", Password: "gw-secret"}, System: natstest.User{Name: "sys", Password: "sys-secret"}}
+	var devices strings.Builder
 	for _, u := range users {
-		p := u + "-pw"
+		p := u + "-password"
 		e.users[u] = p
 		acc.Devices = append(acc.Devices, natstest.User{Name: u, Password: p})
 		os.WriteFile(filepath.Join(e.dir, u+".pass"), []byte(p+"\n"), 0o600)
+		fmt.Fprintf(&devices, "%s %s\n", u, p)
+	}
+	opts := natstest.Options{Nodes: nodes, Accounts: acc}
+	if hasAccountsCommand(t) {
+		// The accounts as operators make them: chatgw nats-accounts
+		// (bcrypt at its lowest cost: nats-server pays it at every connect).
+		devs := filepath.Join(e.dir, "devices")
+		os.WriteFile(devs, []byte(devices.String()), 0o600)
+		sysPass := filepath.Join(e.dir, "sys.pass")
+		os.WriteFile(sysPass, []byte("sys-secret\n"), 0o600)
+		opts.AccountsFile = filepath.Join(e.dir, "accounts.conf")
+		out, err := exec.Command(proctest.Binary(t, "chatgw"), "nats-accounts", "--devices", devs, "--gateway-password-file", e.gwPass,
+			"--system-password-file", sysPass, "--kv-bucket", bucket, "--bcrypt-cost", "4", "--out", opts.AccountsFile).CombinedOutput()
+		if err != nil {
+			t.Fatalf("chatgw nats-accounts: %v\n%s", err, out)
+		}
 	}
 	e.helper = filepath.Join(e.dir, "get-usersig")
 	script := fmt.Sprintf("#!/bin/sh\nexec %s usersig gen --sdkappid %d --key-file %s --user \"$CHATD_USER_ID\" --expire 86400\n",
 		proctest.Binary(t, "chatgw"), appID, e.keyFile)
 	os.WriteFile(e.helper, []byte(script), 0o755)
-	e.c = natstest.Start(t, natstest.Options{Nodes: nodes, Accounts: acc})
+	e.c = natstest.Start(t, opts)
 	return e
 }
 
