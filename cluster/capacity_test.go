@@ -112,6 +112,11 @@ func capacityRun(b *testing.B, name string, nodes, gates, n, inflight int) capRe
 	}
 	wg.Wait()
 	connects := float64(n) / time.Since(connStart).Seconds()
+	for i, d := range devs {
+		if d == nil {
+			b.Fatalf("%s: device %s did not connect (see above)", name, us[i])
+		}
+	}
 	b.ResetTimer()
 	lat := make([]time.Duration, n)
 	var next, retries, failed atomic.Int64

@@ -105,6 +105,9 @@ func ConfigFile(t testing.TB) string {
 // first line that is a closing brace.
 var clusterBlock = regexp.MustCompile(`(?ms)^cluster \{.*?^\}\n`)
 
+// streamReplicas is the mqtt block's stream_replicas setting.
+var streamReplicas = regexp.MustCompile(`(?m)^(\s*stream_replicas:\s*)\d+`)
+
 // Start starts the cluster from the shipped configuration and waits until
 // it has a JetStream meta leader that every node follows; t.Cleanup stops
 // it (showing the nodes' logs if the test failed).
@@ -120,7 +123,10 @@ func Start(t testing.TB, o Options) *Cluster {
 		t.Fatal(err)
 	}
 	if o.Nodes == 1 {
+		// Standalone: no cluster block, and one replica of MQTT's streams
+		// (nats-server refuses more without a cluster).
 		conf = clusterBlock.ReplaceAll(conf, nil)
+		conf = streamReplicas.ReplaceAll(conf, []byte("${1}1"))
 		if bytes.Contains(conf, []byte("NATS_ROUTES")) {
 			t.Fatalf("%s: could not remove the cluster block for a single node", ConfigFile(t))
 		}

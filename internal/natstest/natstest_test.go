@@ -438,6 +438,14 @@ func TestSingleNode(t *testing.T) {
 	if v, err := get(k, "a"); err != nil || v != "1" {
 		t.Errorf("get: %q %v", v, err)
 	}
+	// MQTT works too (its streams with one replica).
+	d := mqttDevice(t, c.Nodes[0].MQTTURL(), "dev-1", "dev-1-secret", "i1")
+	if tok := d.Subscribe(topics.Down("dev-1", "i1"), 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Errorf("subscribe: %v", tok.Error())
+	}
+	if tok := d.Publish(topics.Up("dev-1", "i1"), 1, false, "x"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Errorf("publish: %v", tok.Error())
+	}
 }
 
 // MQTT's own streams have three replicas (mqtt.stream_replicas): when the
