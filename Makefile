@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := chatd chatctl chatgw
 
 .DEFAULT_GOAL := help
-.PHONY: help build test check check-fast check-system system-deps deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs test-board clean
+.PHONY: help build test test-cluster check check-fast check-system system-deps deps apt-deps npm-deps vet fmt-check fuzz demo demo-smoke test-arm cross check-units packages check-debs test-board clean
 
 help: ## List the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -76,9 +76,16 @@ check: ## Everything CI runs: check-fast, then check-system.
 	$(MAKE) --no-print-directory check-fast
 	$(MAKE) --no-print-directory check-system
 
-check-fast: deps fmt-check vet ## gofmt, vet, every Go test with the race detector (end to end on loopback, Mosquitto, npm interop, manual pages), the demo. No root needed once deps are installed.
+check-fast: deps fmt-check vet ## gofmt, vet, every Go test with the race detector (end to end on loopback, Mosquitto, npm interop, manual pages), the cluster tests (test-cluster), the demo. No root needed once deps are installed.
 	CGO_ENABLED=1 CHATD_REQUIRE_MOSQUITTO=1 CHATD_REQUIRE_INTEROP=1 CHATD_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
+	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory demo-smoke
+
+# The cluster tests start real nats-server processes (built from the
+# version go.mod pins), chatgw gateways and chatd devices on loopback.
+test-cluster: ## Three nats-server nodes, gateways and devices on loopback: node kill -9 and restart, partition, the fleet's fault scenarios (go test -tags cluster).
+	$(GO) vet -tags cluster ./internal/natstest/ ./cluster/
+	CGO_ENABLED=0 $(GO) test -tags cluster -count=1 -p 1 -timeout 9m ./internal/natstest/ ./cluster/
 
 check-system: system-deps ## As root: the units (systemd-analyze), the packages (lintian, Debian 12 chroot, upgrade), ARM under qemu-user, the QEMU board.
 	@[ "$$(id -u)" = 0 ] || { echo "check-system: run it as root (chroot, binfmt_misc, mmdebstrap): sudo make check-system"; exit 1; }

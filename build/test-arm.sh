@@ -32,7 +32,7 @@ fi
 # manual pages' test (it reads --help), the board's host side (skipped
 # without a board) and the benchmark suite (it builds and runs host tools)
 # depend on no architecture.
-pkgs=$(go list ./... | grep -v -e '/cmd/chatd$' -e '/cmd/chatgw$' -e '/docs/man$' -e '/build/board$' -e '/bench$')
+pkgs=$(go list ./... | grep -v -e '/cmd/chatd$' -e '/cmd/chatgw$' -e '/docs/man$' -e '/build/board$' -e '/bench$' -e '/cluster$' -e '/internal/natstest$')
 export CGO_ENABLED=0
 export CHATD_REQUIRE_MOSQUITTO=${CHATD_REQUIRE_MOSQUITTO:-0}
 export CHATD_REQUIRE_INTEROP=${CHATD_REQUIRE_INTEROP:-0}
