@@ -5,12 +5,15 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"chatd/mqtt"
 )
@@ -126,10 +129,52 @@ func natsUpSubject(t mqtt.Topics) (string, error) {
 // natsPublisher sends answers and pushes to a device's down topic, once as
 // a core message (for QoS 0 subscriptions, whichever server the device is
 // on) and once into the MQTT message stream (for QoS 1 subscriptions,
-// persistent sessions included). Both are buffered writes: Publish never
-// waits for the network (a full reconnect buffer is an error).
+// persistent sessions included). The stream copy is a JetStream publish
+// whose acknowledgement is awaited in the background: one the stream did
+// not store (its leader being elected, a route not back yet after a
+// partition) is published again, under the same message id so that the
+// stream keeps it once, until it is stored or pubAttempts are spent.
+// Publish itself never waits for the network beyond the client's stall
+// bound (a full buffer is an error).
 type natsPublisher struct {
 	nc *nats.Conn
+	js jetstream.JetStream
+}
+
+// pubAttempts bounds the publishes of one message into the MQTT stream;
+// pubAttemptHeader counts them on the message.
+const (
+	pubAttempts      = 6
+	pubAttemptHeader = "Chatgw-Attempt"
+)
+
+// newNATSPublisher makes the publisher; failed counts a message given up.
+func newNATSPublisher(nc *nats.Conn, timeout time.Duration, log *slog.Logger, failed func()) (natsPublisher, error) {
+	var js jetstream.JetStream
+	retry := func(_ jetstream.JetStream, m *nats.Msg, err error) {
+		n, _ := strconv.Atoi(m.Header.Get(pubAttemptHeader))
+		if n+1 >= pubAttempts || nc.IsClosed() {
+			failed()
+			log.Warn("a message to a device was not stored by the MQTT stream; given up", "subject", m.Subject, "attempts", n+1, "err", err)
+			return
+		}
+		m.Header.Set(pubAttemptHeader, strconv.Itoa(n+1))
+		// Off the client's callback goroutine, after a pause that grows.
+		time.AfterFunc(time.Duration(n+1)*250*time.Millisecond, func() {
+			if _, err := js.PublishMsgAsync(m); err != nil {
+				failed()
+				log.Warn("a message to a device could not be published again", "subject", m.Subject, "err", err)
+			}
+		})
+	}
+	js, err := jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(sendQueueSize),
+		jetstream.WithPublishAsyncTimeout(timeout),
+		jetstream.WithPublishAsyncErrHandler(retry))
+	if err != nil {
+		return natsPublisher{}, err
+	}
+	return natsPublisher{nc: nc, js: js}, nil
 }
 
 func (p natsPublisher) Publish(topic string, qos byte, payload []byte) error {
@@ -145,7 +190,11 @@ func (p natsPublisher) Publish(topic string, qos byte, payload []byte) error {
 	if qos == 0 {
 		return nil
 	}
-	return p.nc.PublishMsg(&nats.Msg{Subject: mqttMsgsPrefix + subj, Header: h, Data: payload})
+	sh := nats.Header{}
+	sh.Set(mqttPubHeader, h.Get(mqttPubHeader))
+	sh.Set(jetstream.MsgIDHeader, randomID())
+	_, err = p.js.PublishMsgAsync(&nats.Msg{Subject: mqttMsgsPrefix + subj, Header: sh, Data: payload})
+	return err
 }
 
 // reconnectDelay is the wait before the attempt-th pass over the servers:
@@ -335,7 +384,11 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	// The fair queue bounds what waits; this only keeps a stalled gateway
 	// from holding unbounded memory in the client.
 	sub.SetPendingLimits(4*no.QueueSize, 64<<20)
-	g.SetPublisher(natsPublisher{nc})
+	pub, err := newNATSPublisher(nc, no.PublishTimeout, g.log, func() { g.stats.publishFails.Add(1) })
+	if err != nil {
+		return fmt.Errorf("JetStream on NATS: %w", err)
+	}
+	g.SetPublisher(pub)
 	g.brokerUp.Store(nc.IsConnected())
 
 	timersDone := make(chan error, 1)
