@@ -128,7 +128,12 @@ copyright() {
 			echo " /usr/share/common-licenses/Apache-2.0."
 			[ ! -f "$dir/NOTICE" ] || { echo " ."; echo " Its NOTICE file:"; echo " ."; indent "$dir/NOTICE"; }
 		else
-			indent "$dir/$f"
+			# A file that carries the Apache License 2.0 among others
+			# (for some of the module's directories): its text is in
+			# common-licenses.
+			awk '/^ *Apache License$/ && !done { print "   [The Apache License 2.0: on Debian systems its full text is in"; print "   /usr/share/common-licenses/Apache-2.0.]"; skip = 1; done = 1; next }
+				skip && /END OF TERMS AND CONDITIONS/ { skip = 0; next }
+				!skip' "$dir/$f" | indent /dev/stdin
 		fi
 	done
 }
