@@ -145,7 +145,10 @@ type failures struct {
 // call takes the current time and returns the messages to send. It is not
 // safe for concurrent use; Gateway serialises calls.
 type engine struct {
-	cfg      Config
+	cfg Config
+	// clock is the latest time a call was given (the answers older than
+	// AnswerTTL before it are not written with a record).
+	clock    time.Time
 	newID    func() string
 	sessions map[string]*Session       // by session id, active and ended
 	users    map[string]*userState     // by user id: the same sessions, and the instance flags
@@ -450,6 +453,7 @@ func sortSessions(ss []*Session) {
 
 // Handle processes one message a device published on its up topic.
 func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []Outbound {
+	e.tick(now)
 	key := instKey(user, instance)
 	if last, ok := e.reply(user, key, now); ok && m.ID != "" && last.ID == m.ID && last.Type == resultType(m.Type) {
 		e.count(user, statDrop, dropRepeated)
@@ -695,6 +699,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 // when no session is active). It costs O(log n) per session or record it
 // acts on, and nothing for the others.
 func (e *engine) Expire(now time.Time) ([]Outbound, time.Time) {
+	e.tick(now)
 	var out []Outbound
 	for {
 		d, ok := e.expiries.peek()
@@ -763,6 +768,7 @@ func (e *engine) counts() (active, online int) { return e.nActive, e.nOnline }
 // Kick ends every session of user, tells the online ones, and revokes the
 // UserSigs issued before now (later logins with them fail with 70052).
 func (e *engine) Kick(now time.Time, user string) ([]Outbound, int) {
+	e.tick(now)
 	e.revoked[user] = now.Unix()
 	e.dirty.users[user] = true
 	var out []Outbound
@@ -900,6 +906,13 @@ func (e *engine) dau(now time.Time) int {
 	return len(e.seen)
 }
 
+// tick moves the engine's clock to now (never back).
+func (e *engine) tick(now time.Time) {
+	if now.After(e.clock) {
+		e.clock = now
+	}
+}
+
 // record returns user's state as a record (nil when there is nothing to
 // keep).
 func (e *engine) record(user string) *UserRecord {
@@ -922,6 +935,33 @@ func (e *engine) record(user string) *UserRecord {
 	}
 	if at, ok := e.seen[user]; ok {
 		r.ActiveAt = at
+	}
+	// The instances' last answers, the ones being written first.
+	seen := map[string]bool{}
+	for _, s := range r.Sessions {
+		if seen[s.Instance] {
+			continue
+		}
+		seen[s.Instance] = true
+		key := instKey(user, s.Instance)
+		var a Answer
+		if p, ok := e.pend[user]; ok {
+			if pr, ok := p.replies[key]; ok {
+				a = Answer{At: pr.at, Msg: pr.msg}
+			}
+		}
+		if a.At.IsZero() {
+			if m, at, ok := e.replies.peek(key); ok {
+				a = Answer{At: at, Msg: m}
+			}
+		}
+		if a.At.IsZero() || e.clock.Sub(a.At) > e.cfg.AnswerTTL {
+			continue
+		}
+		if r.Answers == nil {
+			r.Answers = map[string]Answer{}
+		}
+		r.Answers[s.Instance] = a
 	}
 	return r
 }
@@ -954,6 +994,12 @@ func (e *engine) setUser(user string, r *UserRecord) {
 		}
 		if !r.ActiveAt.IsZero() {
 			e.noteSeen(user, r.ActiveAt)
+		}
+		for inst, a := range r.Answers {
+			key := instKey(user, inst)
+			if _, at, ok := e.replies.peek(key); !ok || a.At.After(at) {
+				e.replies.put(key, a.Msg, a.At)
+			}
 		}
 	}
 	delete(e.dirty.users, user)

@@ -43,6 +43,18 @@ func (c *lru[V]) get(k string, now time.Time) (V, bool) {
 	return e.v, true
 }
 
+// peek returns k's value and when it was put, whatever its age, without
+// making it more recent.
+func (c *lru[V]) peek(k string) (V, time.Time, bool) {
+	el, ok := c.m[k]
+	if !ok {
+		var zero V
+		return zero, time.Time{}, false
+	}
+	e := el.Value.(*lruEntry[V])
+	return e.v, e.at, true
+}
+
 func (c *lru[V]) put(k string, v V, now time.Time) {
 	if el, ok := c.m[k]; ok {
 		e := el.Value.(*lruEntry[V])

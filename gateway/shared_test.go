@@ -783,3 +783,57 @@ func TestExpiryAfterGatewayGone(t *testing.T) {
 		t.Errorf("expiry notices (-want +got):\n%s", diff)
 	}
 }
+
+// A request repeated through another gateway (the device's answer was lost
+// on the way, and the queue group gave the retry to another member) gets
+// the answer that was written with the record, not a second session:
+// with the other gateway's cache up to date and with it stale.
+func TestRepeatedRequestThroughAnotherGateway(t *testing.T) {
+	for _, stale := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stale=%v", stale), func(t *testing.T) {
+			mem := NewMemoryStore()
+			n := 0
+			newID := func() string { n++; return fmt.Sprint("s", n) }
+			g1, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: mem, Now: func() time.Time { return t0 }, NewID: newID})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g1.Close()
+			hw := &heldWatch{StateStore: mem, held: stale}
+			g2, err := New(Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: hw, Now: func() time.Time { return t0.Add(time.Second) }, NewID: newID})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g2.Close()
+			defer hw.release()
+			var p1, p2 recording
+			g1.SetPublisher(&p1)
+			g2.SetPublisher(&p2)
+			r := newRig(t, nil)
+
+			login := mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: r.sig("alice", time.Hour), Platform: "Linux"})
+			g1.HandleMessage("chat/v1/up/alice/a", login)
+			g1.sendQueued()
+			first := p1.last(t)
+			g2.HandleMessage("chat/v1/up/alice/a", login)
+			g2.sendQueued()
+			if got := p2.last(t); got.Type != mqtt.TypeLoginResult || got.Code != 0 || got.Session != first.Session {
+				t.Errorf("the repeated login through the other gateway was answered %+v, want session %s", got, first.Session)
+			}
+			sr, _ := mem.Get(context.Background(), "alice")
+			if diff := cmp.Diff([]string{"session a/Linux online=true ended=\"\" by=\"\""}, shape(sr.Record)); diff != "" {
+				t.Errorf("the record (-want +got):\n%s", diff)
+			}
+			// A new request id is carried out.
+			g2.HandleMessage("chat/v1/up/alice/a", mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogout, ID: "o1", Session: first.Session}))
+			g2.sendQueued()
+			if got := p2.last(t); got.Type != mqtt.TypeLogoutResult || got.Code != 0 {
+				t.Errorf("logout answered %+v", got)
+			}
+			sr, _ = mem.Get(context.Background(), "alice")
+			if diff := cmp.Diff([]string{"session a/Linux online=false ended=\"logout\" by=\"\""}, shape(sr.Record)); diff != "" {
+				t.Errorf("the record after the logout (-want +got):\n%s", diff)
+			}
+		})
+	}
+}

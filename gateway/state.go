@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"chatd/mqtt"
 )
 
 // UserRecord is everything the gateway keeps about one user: the unit of
@@ -29,6 +31,18 @@ type UserRecord struct {
 	// for the daily active users gauge (zero: not active today). Alone it
 	// does not keep a record.
 	ActiveAt time.Time
+	// Answers are the last answers to the user's instances that were
+	// written with the record (within the answer cache's time to live),
+	// so that a request repeated through another gateway is answered
+	// again instead of being carried out twice. Alone they do not keep a
+	// record.
+	Answers map[string]Answer
+}
+
+// Answer is an instance's last answer and when it was given.
+type Answer struct {
+	At  time.Time
+	Msg mqtt.Message
 }
 
 // empty reports whether the record holds nothing worth keeping: then it is
@@ -109,12 +123,18 @@ const recordFormat = 1
 // The encoding of a record: JSON with short names and times as Unix
 // nanoseconds, since every device's session lives in the replicated store.
 type recordJSON struct {
-	Format   int              `json:"f"`
-	User     string           `json:"u"`
-	Sessions []sessionJSON    `json:"s,omitempty"`
-	Flags    map[string]int64 `json:"k,omitempty"`
-	Revoked  int64            `json:"r,omitempty"`
-	Active   int64            `json:"a,omitempty"`
+	Format   int                   `json:"f"`
+	User     string                `json:"u"`
+	Sessions []sessionJSON         `json:"s,omitempty"`
+	Flags    map[string]int64      `json:"k,omitempty"`
+	Revoked  int64                 `json:"r,omitempty"`
+	Active   int64                 `json:"a,omitempty"`
+	Answers  map[string]answerJSON `json:"q,omitempty"`
+}
+
+type answerJSON struct {
+	At  int64        `json:"t"`
+	Msg mqtt.Message `json:"m"`
 }
 
 type sessionJSON struct {
@@ -159,6 +179,12 @@ func encodeRecord(user string, r *UserRecord) ([]byte, error) {
 			j.Flags[inst] = unixNano(at)
 		}
 	}
+	if len(r.Answers) > 0 {
+		j.Answers = map[string]answerJSON{}
+		for inst, a := range r.Answers {
+			j.Answers[inst] = answerJSON{At: unixNano(a.At), Msg: a.Msg}
+		}
+	}
 	return json.Marshal(j)
 }
 
@@ -192,6 +218,15 @@ func decodeRecord(user string, v []byte) (*UserRecord, error) {
 		r.KickedOffline = map[string]time.Time{}
 		for inst, at := range j.Flags {
 			r.KickedOffline[inst] = fromNano(at)
+		}
+	}
+	if len(j.Answers) > 0 {
+		r.Answers = map[string]Answer{}
+		for inst, a := range j.Answers {
+			if a.Msg.UserSig != "" {
+				return nil, fmt.Errorf("%w: the answer kept for instance %q carries a UserSig", ErrBadRecord, inst)
+			}
+			r.Answers[inst] = Answer{At: fromNano(a.At), Msg: a.Msg}
 		}
 	}
 	return r, nil
