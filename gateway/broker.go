@@ -128,7 +128,22 @@ func (e *Embedded) BrokerOptions() BrokerOptions {
 }
 
 // Close disconnects every client and stops the broker.
-func (e *Embedded) Close() error { return e.srv.Close() }
+func (e *Embedded) Close() error {
+	// mochi's own Close lists each listener's clients under a read lock
+	// that it takes twice (Clients.GetByListener calls Len): a client
+	// ending at that moment queues for the write lock between the two, and
+	// all three wait forever (seen at shutdown under emulation). Close the
+	// listeners first with a closer that takes the lock once; mochi's Close
+	// then finds them closed and lists nothing.
+	e.srv.Listeners.CloseAll(func(id string) {
+		for _, cl := range e.srv.Clients.GetAll() {
+			if cl.Net.Listener == id && !cl.Closed() {
+				_ = e.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+			}
+		}
+	})
+	return e.srv.Close()
+}
 
 func init() {
 	// mochi sends MQTT 5 reason codes that MQTT 3.1.1 does not define to
