@@ -93,7 +93,7 @@ func openBolt(path string, log *slog.Logger) (*boltStore, error) {
 				"move it aside (mv %s %s.corrupt) to start with no sessions (devices log in again; kick the revoked users again) or restore a backup", path, err, path, path)
 		}
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: lockTimeout, OpenFile: openPrivate(log)})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: lockTimeout, OpenFile: storage.OpenPrivate(log)})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("opening %s: %w", path, ErrStateLocked)
 	}
@@ -136,28 +136,6 @@ func openBolt(path string, log *slog.Logger) (*boltStore, error) {
 		log.Info("gateway state migrated to one record per user", "path", path, "schema", gatewaySchema, "users", migrated)
 	}
 	return &boltStore{db: db, path: path}, nil
-}
-
-// openPrivate makes bbolt open the file 0600, tightening a looser one: it
-// holds who is logged in where.
-func openPrivate(log *slog.Logger) func(string, int, os.FileMode) (*os.File, error) {
-	return func(name string, flag int, _ os.FileMode) (*os.File, error) {
-		f, err := os.OpenFile(name, flag, 0o600)
-		if err != nil {
-			return nil, err
-		}
-		fi, err := f.Stat()
-		if err == nil && fi.Mode().Perm() != 0o600 {
-			if err = f.Chmod(0o600); err == nil {
-				log.Warn("gateway state file had loose permissions; made it 0600", "path", name, "was", fi.Mode().Perm())
-			}
-		}
-		if err != nil {
-			f.Close()
-			return nil, fmt.Errorf("making %s private (0600): %w", name, err)
-		}
-		return f, nil
-	}
 }
 
 // migrate1 turns schema 1's three buckets into one record per user and

@@ -746,7 +746,7 @@ func openPrivate(log *slog.Logger) func(string, int, os.FileMode) (*os.File, err
 		fi, err := f.Stat()
 		if err == nil && fi.Mode().Perm() != 0o600 {
 			if err = f.Chmod(0o600); err == nil {
-				log.Warn("state database had loose permissions; made it 0600", "path", name, "was", fi.Mode().Perm())
+				log.Warn("state file had loose permissions; made it 0600", "path", name, "was", fi.Mode().Perm())
 			}
 		}
 		if err != nil {

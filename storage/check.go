@@ -3,6 +3,7 @@ package storage
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"time"
 
@@ -44,4 +45,11 @@ func CheckBoltFile(path string, lockTimeout time.Duration) error {
 		}
 		return nil
 	})
+}
+
+// OpenPrivate returns an OpenFile for bbolt (bolt.Options.OpenFile) that
+// opens the file 0600 and tightens a looser one, logging that it did: for
+// the other bbolt files that hold who is logged in (the gateway's state).
+func OpenPrivate(log *slog.Logger) func(string, int, os.FileMode) (*os.File, error) {
+	return openPrivate(log)
 }
