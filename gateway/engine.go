@@ -582,12 +582,26 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 	}
 
 	var out []Outbound
-	// The same instance logging in again replaces its session: not a new
-	// instance, so it kicks nobody.
+	// The same instance logging in again is not a new instance, so it
+	// kicks nobody. With the same UserSig it is the same login sent again
+	// (under a new request id, as after a lost answer): it continues the
+	// session, so that however many copies are carried out, and in
+	// whichever order, the device holds the session the gateway has.
+	// Another UserSig replaces the session.
 	for _, s := range e.userSessions(user) {
-		if s.Active() && s.Instance == instance {
-			e.end(s, now, EndReplaced)
+		if !s.Active() || s.Instance != instance {
+			continue
 		}
+		if s.Platform == platform && s.ExpiresAt.Equal(t.ExpiresAt()) {
+			e.setOnline(s, true)
+			s.LastSeen, s.Conn = now, m.Conn
+			e.touch(s)
+			e.count(user, statLogin, strconv.Itoa(codes.OK))
+			e.markActive(user, now)
+			e.failed.delete(user)
+			return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
+		}
+		e.end(s, now, EndReplaced)
 	}
 	for _, s := range e.victims(user, platform) {
 		out = append(out, e.kick(now, s, mqtt.KickOtherInstance, platform)...)

@@ -477,10 +477,27 @@ func TestRepeatedRequestIsAnsweredAgain(t *testing.T) {
 	if n := len(r.e.ActiveSessions("alice")); n != 1 {
 		t.Errorf("%d sessions after a repeated login, want 1", n)
 	}
-	// A new id is a new request.
-	login.ID = "req-8"
-	if third := r.send("alice", "a", login); third[0].Msg.Session == first[0].Msg.Session {
-		t.Error("a new request id got the old answer")
+	// A new id is a new request: with the same UserSig, the same login
+	// sent again, which continues the session (online again, on the new
+	// connection) and kicks nobody.
+	r.send("alice", "a", mqtt.Message{Type: mqtt.TypeOffline, Session: first[0].Msg.Session})
+	login.ID, login.Conn = "req-8", "c2"
+	third := r.send("alice", "a", login)
+	if diff := cmp.Diff(summary(first), summary(third)); diff != "" {
+		t.Errorf("the same login under a new id (-first +third):\n%s", diff)
+	}
+	if s := r.e.ActiveSessions("alice"); len(s) != 1 || !s[0].Online || s[0].Conn != "c2" {
+		t.Errorf("after the same login under a new id: %+v, want its one session online on c2", s)
+	}
+	// Another UserSig replaces the session.
+	r.now = r.now.Add(time.Second)
+	login.ID, login.UserSig = "req-9", r.sig("alice", time.Hour)
+	fourth := r.send("alice", "a", login)
+	if len(fourth) != 1 || fourth[0].Msg.Code != 0 || fourth[0].Msg.Session == first[0].Msg.Session {
+		t.Errorf("a login with another UserSig: %v, want a new session and no kick", summary(fourth))
+	}
+	if s := r.e.ActiveSessions("alice"); len(s) != 1 || s[0].ID != fourth[0].Msg.Session {
+		t.Errorf("after a login with another UserSig: %+v", s)
 	}
 }
 

@@ -113,7 +113,11 @@ type Gateway struct {
 }
 
 // New opens the state and loads it. Close releases it.
-func New(opts Options) (*Gateway, error) {
+func New(opts Options) (*Gateway, error) { return NewContext(context.Background(), opts) }
+
+// NewContext is New that gives up when ctx ends (a gateway told to stop
+// while its shared state is still being read).
+func NewContext(ctx context.Context, opts Options) (*Gateway, error) {
 	if err := opts.Config.Validate(); err != nil {
 		return nil, err
 	}
@@ -191,15 +195,17 @@ func New(opts Options) (*Gateway, error) {
 	}
 	if !g.ownStore {
 		// Watch before loading, so that no write falls between the two.
-		stop, err := g.st.Watch(g.applyChange)
+		wctx, cancel := context.WithTimeout(ctx, loadTimeout)
+		stop, err := g.st.Watch(wctx, g.applyChange)
+		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("watching the gateway state: %w", err))
 		}
 		g.stopWatch = stop
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
+	lctx, cancel := context.WithTimeout(ctx, loadTimeout)
 	defer cancel()
-	recs, err := g.st.Load(ctx)
+	recs, err := g.st.Load(lctx)
 	if err != nil {
 		return fail(fmt.Errorf("loading gateway state (%s): %w", where, err))
 	}

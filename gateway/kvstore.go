@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -133,31 +134,130 @@ func kvUser(k string) (string, error) {
 
 func (s *kvStore) where(k string) string { return fmt.Sprintf("bucket %s, key %s", s.bucket, k) }
 
-func (s *kvStore) Load(ctx context.Context) ([]StoredRecord, error) {
-	w, err := s.kv.Watch(ctx, kvKeyPrefix+">", jetstream.IgnoreDeletes())
-	if err != nil {
-		return nil, fmt.Errorf("reading state bucket %s: %w", s.bucket, err)
+// watchStartTimeout bounds one attempt to start a watch.
+const watchStartTimeout = 5 * time.Second
+
+var errNoAnswer = fmt.Errorf("no answer within %s", watchStartTimeout)
+
+// startWatch starts a watch of keys that lives as long as
+// life, trying again while ctx allows. nats.go waits for the creation of
+// the watch's consumer as long as the watch's own context allows, which is
+// its whole life: an answer lost on the way (a route coming up, a leader
+// moving) would keep it waiting for ever. So each attempt gets
+// watchStartTimeout, and one that runs out is cancelled and made again.
+func (s *kvStore) startWatch(ctx, life context.Context, keys string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, context.CancelFunc, error) {
+	type started struct {
+		w   jetstream.KeyWatcher
+		err error
 	}
-	defer w.Stop()
-	var out []StoredRecord
+	wait := 100 * time.Millisecond
 	for {
+		wctx, cancel := context.WithCancel(life)
+		done := make(chan started, 1)
+		go func() {
+			w, err := s.kv.Watch(wctx, keys, opts...)
+			done <- started{w, err}
+		}()
+		t := time.NewTimer(watchStartTimeout)
+		var err error
+		select {
+		case r := <-done:
+			t.Stop()
+			if r.err == nil {
+				return r.w, cancel, nil
+			}
+			err = r.err
+		case <-t.C:
+			err = errNoAnswer
+		case <-ctx.Done():
+			t.Stop()
+			err = ctx.Err()
+		}
+		cancel()
+		<-done // a cancelled creation returns at once
+		if ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("starting a watch: %w (last attempt: %w)", ctx.Err(), err)
+		}
+		if !kvRetryable(err) && err != errNoAnswer {
+			return nil, nil, err
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
+}
+
+// loadCatchUp bounds how long Load waits for the replica serving its
+// watch to catch up with the bucket's leader.
+const loadCatchUp = 5 * time.Second
+
+// Load reads every record, including every write acknowledged before it
+// was called. The watch that reads them may be served by a replica that
+// is behind its leader (a consumer of a replicated stream lives on any of
+// its servers), so Load first asks the leader for the bucket's last
+// revision, and reads again until it has seen that far.
+func (s *kvStore) Load(ctx context.Context) ([]StoredRecord, error) {
+	var last uint64
+	if st, err := s.kv.Status(ctx); err != nil {
+		return nil, fmt.Errorf("reading state bucket %s: %w", s.bucket, err)
+	} else if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+		last = bs.StreamInfo().State.LastSeq
+	}
+	deadline := time.Now().Add(loadCatchUp)
+	for {
+		recs, seen, err := s.loadOnce(ctx)
+		if err != nil || seen >= last {
+			return recs, err
+		}
+		if time.Now().After(deadline) {
+			// Nothing at the last revision (removed by hand): what the
+			// replica has is all there is.
+			s.log.Warn("state bucket: read up to an earlier revision than its leader's last", "bucket", s.bucket, "read", seen, "last", last)
+			return recs, nil
+		}
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("reading state bucket %s: %w", s.bucket, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// loadOnce reads every record through one watch, and the highest revision
+// it saw (deletions and foreign keys included).
+func (s *kvStore) loadOnce(ctx context.Context) ([]StoredRecord, uint64, error) {
+	w, cancel, err := s.startWatch(ctx, ctx, jetstream.AllKeys)
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading state bucket %s: %w", s.bucket, err)
+	}
+	defer cancel()
+	defer w.Stop()
+	var out []StoredRecord
+	var seen uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, 0, fmt.Errorf("reading state bucket %s: %w", s.bucket, ctx.Err())
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil, fmt.Errorf("reading state bucket %s: the watch ended", s.bucket)
+				return nil, 0, fmt.Errorf("reading state bucket %s: the watch ended", s.bucket)
 			}
 			if e == nil {
-				return out, nil // every current value read
+				return out, seen, nil // every current value read
+			}
+			seen = max(seen, e.Revision())
+			if e.Operation() != jetstream.KeyValuePut || !strings.HasPrefix(e.Key(), kvKeyPrefix) {
+				continue
 			}
 			user, err := kvUser(e.Key())
 			if err != nil {
-				return nil, fmt.Errorf("reading state bucket %s: %w", s.bucket, err)
+				return nil, 0, fmt.Errorf("reading state bucket %s: %w", s.bucket, err)
 			}
 			r, err := decodeRecord(user, e.Value())
 			if err != nil {
-				return nil, badRecordError(s.where(e.Key()), user, err)
+				return nil, 0, badRecordError(s.where(e.Key()), user, err)
 			}
 			out = append(out, StoredRecord{User: user, Record: r, Revision: e.Revision()})
 		}
@@ -245,13 +345,12 @@ func (s *kvStore) write(ctx context.Context, w RecordWrite) WriteResult {
 // Watch follows the bucket's updates from now on; a value that cannot be
 // decoded is logged and skipped (the next write of that user loses and
 // reads it, and fails saying what is wrong).
-func (s *kvStore) Watch(fn func(Change)) (func(), error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	w, err := s.kv.Watch(ctx, kvKeyPrefix+">", jetstream.UpdatesOnly())
+func (s *kvStore) Watch(sctx context.Context, fn func(Change)) (func(), error) {
+	w, cancel, err := s.startWatch(sctx, context.Background(), kvKeyPrefix+">", jetstream.UpdatesOnly())
 	if err != nil {
-		cancel()
 		return nil, fmt.Errorf("watching state bucket %s: %w", s.bucket, err)
 	}
+	ctx, cancelCallbacks := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -282,6 +381,7 @@ func (s *kvStore) Watch(fn func(Change)) (func(), error) {
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
+			cancelCallbacks()
 			cancel()
 			w.Stop()
 			<-done

@@ -106,6 +106,9 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			}
 			st, err := openSharedState(ctx, js, KVOptions{Bucket: bucket, Replicas: replicas, Logger: log}, log)
 			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
 				return err
 			}
 			defer st.Close()
@@ -113,8 +116,11 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 			log.Info("gateway state on NATS", "bucket", bucket, "replicas", replicas)
 		}
 	}
-	g, err := New(cfg.Options)
+	g, err := NewContext(ctx, cfg.Options)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil // told to stop while starting
+		}
 		return err
 	}
 	defer g.Close()

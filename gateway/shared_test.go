@@ -405,8 +405,8 @@ type heldWatch struct {
 	queued []func()
 }
 
-func (h *heldWatch) Watch(fn func(Change)) (func(), error) {
-	return h.StateStore.Watch(func(c Change) {
+func (h *heldWatch) Watch(ctx context.Context, fn func(Change)) (func(), error) {
+	return h.StateStore.Watch(ctx, func(c Change) {
 		h.mu.Lock()
 		if h.held {
 			h.queued = append(h.queued, func() { fn(c) })
@@ -734,7 +734,8 @@ func TestDeletedRecordFollows(t *testing.T) {
 			f.gs[1].Tick()
 			login(f.gs[1], "l2")
 			f.settle("alice")
-			login(f.gs[0], "l3") // replaces the session made through the other gateway
+			f.advance(time.Second)
+			login(f.gs[0], "l3") // a new UserSig: replaces the session made through the other gateway
 			got := f.sent()
 			sr, _ := st.Get(context.Background(), "alice")
 			if diff := cmp.Diff([]string{"session a/Linux online=false ended=\"replaced\" by=\"\"", "session a/Linux online=true ended=\"\" by=\"\""}, shape(sr.Record)); diff != "" {

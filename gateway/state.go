@@ -100,8 +100,9 @@ type StateStore interface {
 	// Watch calls fn with every change written after Watch returns, by
 	// this writer and others, in revision order, from a goroutine of its
 	// own, until stop is called or the store is closed. fn may block; the
-	// store keeps at most the latest change per user meanwhile.
-	Watch(fn func(Change)) (stop func(), err error)
+	// store keeps at most the latest change per user meanwhile. ctx bounds
+	// starting the watch, not the watch itself.
+	Watch(ctx context.Context, fn func(Change)) (stop func(), err error)
 	// Close releases the store.
 	Close() error
 }
@@ -446,7 +447,7 @@ func (m *memoryStore) Write(ctx context.Context, ws []RecordWrite) []WriteResult
 	return res
 }
 
-func (m *memoryStore) Watch(fn func(Change)) (func(), error) {
+func (m *memoryStore) Watch(_ context.Context, fn func(Change)) (func(), error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {

@@ -358,7 +358,7 @@ func testContract(t *testing.T, k storeKind) {
 	o := k.other(t, s)
 	var mu sync.Mutex
 	var seen []Change
-	stop, err := s.Watch(func(c Change) { mu.Lock(); seen = append(seen, c); mu.Unlock() })
+	stop, err := s.Watch(t.Context(), func(c Change) { mu.Lock(); seen = append(seen, c); mu.Unlock() })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -358,7 +358,9 @@ func (st *boltStore) Write(ctx context.Context, ws []RecordWrite) []WriteResult 
 	return res
 }
 
-func (st *boltStore) Watch(fn func(Change)) (func(), error) { return st.watch.add(fn), nil }
+func (st *boltStore) Watch(_ context.Context, fn func(Change)) (func(), error) {
+	return st.watch.add(fn), nil
+}
 
 // clientID returns the gateway's MQTT client id, making a random one at
 // the first start.

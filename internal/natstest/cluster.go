@@ -220,7 +220,7 @@ func (n *Node) environment() []string {
 		"NATS_HOST=" + n.Host,
 		"NATS_CLIENT_PORT=" + strconv.Itoa(n.Client),
 		"NATS_CLUSTER_PORT=" + strconv.Itoa(n.Cluster),
-		"NATS_CLUSTER_ADVERTISE=" + n.c.refuser.ln.Addr().String(),
+		"NATS_CLUSTER_ADVERTISE=" + n.c.refuser.addr,
 		"NATS_ROUTES=[" + strings.Join(routes, ", ") + "]",
 		"NATS_MQTT_PORT=" + strconv.Itoa(n.MQTT),
 		"NATS_STORE_DIR=" + strconv.Quote(filepath.Join(n.Dir, "jetstream")),
@@ -386,7 +386,7 @@ func (c *Cluster) stopAll() {
 		l.close()
 	}
 	if c.refuser != nil {
-		c.refuser.ln.Close()
+		c.refuser.close()
 	}
 	if c.t.Failed() {
 		dir := os.Getenv(LogDirEnv)

@@ -3,7 +3,9 @@ package natstest
 import (
 	"io"
 	"net"
+	"strconv"
 	"sync"
+	"syscall"
 )
 
 // link is one direction of the route between two nodes: node from
@@ -162,26 +164,32 @@ func (l *link) close() {
 	l.drop()
 }
 
-// refuser accepts connections and closes them at once: the address every
-// node advertises for its routes, so that no node bypasses the links by
-// connecting to an address it learns from another (an implicit route is
-// tried once and given up).
-type refuser struct{ ln net.Listener }
+// refuser is the address every node advertises for its routes, so that no
+// node bypasses the links by connecting to an address it learns from
+// another: a port bound but not listening, which refuses every connection.
+// (One that accepted and closed would be dialled again and again for ever:
+// nats-server counts a connection made as a success and reconnects.)
+type refuser struct {
+	fd   int
+	addr string
+}
 
 func newRefuser() (*refuser, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, err
 	}
-	r := &refuser{ln: ln}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	return r, nil
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	port := sa.(*syscall.SockaddrInet4).Port
+	return &refuser{fd: fd, addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}, nil
 }
+
+func (r *refuser) close() { syscall.Close(r.fd) }
