@@ -5,7 +5,6 @@ package cluster
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -174,19 +173,10 @@ func TestNATSNodeKilled(t *testing.T) {
 // A node cut off for 30 s while the same user logs in on both sides
 // (single policy): after the heal exactly one session survives, the
 // other instance was kicked exactly once, and nothing moves after that.
-//
-// Known defect, so `make test-cluster` skips it unless
-// CHATD_CLUSTER_PARTITION=1: a device whose login went unanswered during
-// the partition sends it again under a new request id (chatd does so after
-// its request timeout). After the heal, the gateways carry out every
-// attempt that was queued, each replacing the instance's session, while
-// the device keeps the answer it took first, so it can hold a session
-// the fleet has replaced (and would ignore a kick naming the newer one).
-// It failed in about one run in three.
+// The device on the cut-off side sends its login again under new request
+// ids while it goes unanswered; after the heal every copy carried out is
+// the same login, so the device holds the session the gateways have.
 func TestPartitionSameUserBothSides(t *testing.T) {
-	if os.Getenv("CHATD_CLUSTER_PARTITION") != "1" {
-		t.Skip("known defect: a login retried under a new request id during a partition is carried out again after the heal (see the comment); CHATD_CLUSTER_PARTITION=1 runs it")
-	}
 	e := newEnv(t, []string{"pp"})
 	ga := e.gateway("ga", 0) // the majority side
 	gb := e.gateway("gb", 2) // the node that is cut off
