@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -570,4 +572,62 @@ func TestQuorumLossAndBack(t *testing.T) {
 	// kept it in its log commits it once a follower is back. Only what was
 	// acknowledged is promised.)
 	mqttDevice(t, c.Nodes[0].MQTTURL(), "dev-2", "dev-2-secret", "i2")
+}
+
+// More devices than nats-server's default of 1,000 consumers per stream
+// subscribe at QoS 1 (each subscription is a consumer on MQTT's message
+// stream): the shipped configuration raises the limit, and every one of
+// them is granted and receives a QoS 1 message.
+func TestMoreThanAThousandQoS1Subscriptions(t *testing.T) {
+	const n = 1100
+	c := Start(t, Options{Nodes: 1, Accounts: Accounts{
+		Gateway: User{"chatgw", "gw-secret"},
+		Devices: []User{{"dev-1", "dev-1-secret"}},
+		System:  User{"sys", "sys-secret"},
+	}})
+	url := c.Nodes[0].MQTTURL()
+	got := make(chan int, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 32)
+	var refused atomic.Int32
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			inst := fmt.Sprintf("q%04d", i)
+			d := mqttDevice(t, url, "dev-1", "dev-1-secret", inst)
+			tok := d.Subscribe(topics.Down("dev-1", inst), 1, func(paho.Client, paho.Message) { got <- i })
+			if !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
+				t.Errorf("%s: subscribe: %v", inst, tok.Error())
+				return
+			}
+			if st := tok.(*paho.SubscribeToken); st.Result()[topics.Down("dev-1", inst)] == 0x80 {
+				refused.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if r := refused.Load(); r > 0 {
+		t.Fatalf("%d of %d QoS 1 subscriptions refused", r, n)
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	nc := connect(t, c.Nodes[0])
+	for i := range n {
+		if err := nc.Publish("chat.v1.down.dev-1."+fmt.Sprintf("q%04d", i), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[int]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < n {
+		select {
+		case i := <-got:
+			seen[i] = true
+		case <-deadline:
+			t.Fatalf("%d of %d devices received their message", len(seen), n)
+		}
+	}
 }
