@@ -54,8 +54,21 @@ type EmbeddedOptions struct {
 	FloodDrops  int
 	FloodWindow time.Duration
 
-	stats *stats // the gateway's metrics; set by Run
+	// Busy is given every device message the broker drops on its way to
+	// the gateway because the gateway's connection has a full queue of
+	// them (MaximumClientWritesPending): the gateway answers it as it
+	// answers any request its full queue refuses. Set by Run.
+	Busy func(topic string, payload []byte)
+
+	stats      *stats // the gateway's metrics; set by Run
+	pending    int    // mochi's pending writes per client (0: maxPendingToGateway)
+	pipeBuffer int    // the gateway connection's socket send buffer (0: the system's)
 }
+
+// maxPendingToGateway is mochi's queue of pending writes per client, the
+// gateway's own connection included: the device messages the broker holds
+// for the gateway beyond it are answered busy (EmbeddedOptions.Busy).
+const maxPendingToGateway = 1024
 
 // DefaultMaxExpiredAge is how long after its expiry a UserSig still gets
 // a device onto the embedded broker (to be told 70001).
@@ -94,11 +107,14 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		Capabilities: func() *mochi.Capabilities {
 			c := mochi.NewDefaultServerCapabilities()
 			c.MaximumPacketSize = 4 * mqtt.MaxPayload
-			c.MaximumClientWritesPending = 1024
+			c.MaximumClientWritesPending = maxPendingToGateway
+			if opts.pending > 0 {
+				c.MaximumClientWritesPending = int32(opts.pending)
+			}
 			return c
 		}(),
 	})
-	e := &Embedded{srv: srv, addr: ln.Addr(), pipe: newPipeListener(), clientID: "chatgw-" + randomID()}
+	e := &Embedded{srv: srv, addr: ln.Addr(), pipe: newPipeListener(opts.pipeBuffer), clientID: "chatgw-" + randomID()}
 	hook := &authHook{opts: opts, internalID: e.clientID, srv: srv, conns: map[*mochi.Client]*connState{}}
 	if err := srv.AddHook(hook, nil); err != nil {
 		ln.Close()
@@ -201,7 +217,17 @@ type connState struct {
 func (h *authHook) ID() string { return "chatgw-auth" }
 
 func (h *authHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnWill, mochi.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnPublishDropped, mochi.OnWill, mochi.OnDisconnect}, []byte{b})
+}
+
+// OnPublishDropped: mochi drops a message, whatever its QoS, for a client
+// whose queue of pending writes is full. A device message dropped on its
+// way to the gateway would go unanswered (the device would wait its whole
+// request timeout), so it is answered busy instead.
+func (h *authHook) OnPublishDropped(cl *mochi.Client, pk packets.Packet) {
+	if cl.Net.Listener == internalListener && h.opts.Busy != nil {
+		h.opts.Busy(pk.TopicName, pk.Payload)
+	}
 }
 
 // refusal is a CONNACK refusal: its MQTT 3.1.1 return code (the MQTT 5
@@ -454,10 +480,12 @@ type pipeListener struct {
 	conns chan net.Conn
 	done  chan struct{}
 	once  sync.Once
+	// sndbuf, when set, is the connections' socket send buffer (tests).
+	sndbuf int
 }
 
-func newPipeListener() *pipeListener {
-	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+func newPipeListener(sndbuf int) *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{}), sndbuf: sndbuf}
 }
 
 func (l *pipeListener) Accept() (net.Conn, error) {
@@ -477,7 +505,7 @@ func (l *pipeListener) Close() error {
 func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
 
 func (l *pipeListener) Dial(ctx context.Context) (net.Conn, error) {
-	client, server, err := connPair()
+	client, server, err := connPair(l.sndbuf)
 	if err != nil {
 		return nil, err
 	}

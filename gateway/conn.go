@@ -256,21 +256,43 @@ func (g *Gateway) enqueueInbound(q *fairQueue[inbound], key string, in inbound) 
 	case shareFull:
 		g.stats.dropped(dropQueueFull)
 	case queueFull:
-		g.stats.dropped(dropBusy)
-		user, instance, _ := strings.Cut(key, "/")
-		if r, ok := busyAnswer(in.payload, g.pacer.retryAfter(g.now(), q.len())); ok {
-			switch r.Type {
-			case mqtt.TypeLoginResult:
-				g.stats.login(r.Code)
-			case mqtt.TypeResumeResult:
-				g.stats.resume(r.Code)
-			}
-			g.enqueue(Outbound{UserID: user, Instance: instance, Msg: r})
-		}
+		g.answerBusy(key, in.payload, q.len())
 	}
 	if in.ack != nil {
 		in.ack()
 	}
+}
+
+// answerBusy refuses a device message the gateway has no room for: a
+// request is answered 70169 with the pacer's retry_after_ms, and not
+// carried out.
+func (g *Gateway) answerBusy(key string, payload []byte, queued int) {
+	g.stats.dropped(dropBusy)
+	user, instance, _ := strings.Cut(key, "/")
+	if r, ok := busyAnswer(payload, g.pacer.retryAfter(g.now(), queued)); ok {
+		switch r.Type {
+		case mqtt.TypeLoginResult:
+			g.stats.login(r.Code)
+		case mqtt.TypeResumeResult:
+			g.stats.resume(r.Code)
+		}
+		g.enqueue(Outbound{UserID: user, Instance: instance, Msg: r})
+	}
+}
+
+// brokerDropped answers a device message the embedded broker dropped on
+// its way to the gateway (see EmbeddedOptions.Busy).
+func (g *Gateway) brokerDropped(topic string, payload []byte) {
+	user, instance, err := g.parseUp(topic)
+	if err != nil {
+		g.stats.dropped(dropBadTopic)
+		return
+	}
+	queued := 0
+	if q := g.queue.Load(); q != nil {
+		queued = q.len()
+	}
+	g.answerBusy(instKey(user, instance), payload, max(queued, maxPendingToGateway))
 }
 
 // maxBatch bounds the device messages handled in one group commit.

@@ -5,7 +5,7 @@ package gateway
 import "net"
 
 // connPair returns an in-process connection (unbuffered: see pipe_unix.go).
-func connPair() (client, server net.Conn, err error) {
+func connPair(int) (client, server net.Conn, err error) {
 	c, s := net.Pipe()
 	return c, s, nil
 }

@@ -16,10 +16,15 @@ import (
 // acknowledges from the goroutine that delivers its messages, and with no
 // buffer in between the two wait for each other forever once the gateway
 // is busy.)
-func connPair() (client, server net.Conn, err error) {
+func connPair(sndbuf int) (client, server net.Conn, err error) {
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("in-process broker connection: %w", err)
+	}
+	if sndbuf > 0 {
+		for _, fd := range fds {
+			syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, sndbuf)
+		}
 	}
 	conns := make([]net.Conn, 2)
 	for i, fd := range fds {

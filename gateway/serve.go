@@ -48,6 +48,14 @@ type ServeConfig struct {
 	// loaded, the admin API is up and the gateway is subscribed, with the
 	// broker's and the admin API's addresses.
 	Ready func(broker, admin net.Addr)
+
+	// For tests: the embedded broker's queue of pending writes per client
+	// (0: maxPendingToGateway), the socket send buffer of the gateway's
+	// own connection to it (0: the system's), and a wrapper of that
+	// connection.
+	embeddedPending    int
+	embeddedPipeBuffer int
+	wrapGatewayConn    func(net.Conn) net.Conn
 }
 
 // DefaultKVBucket and DefaultKVReplicas are the shared state's bucket on
@@ -135,7 +143,7 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 	} else if cfg.EmbeddedBroker != "" {
 		emb, err := StartEmbedded(EmbeddedOptions{
 			Addr: cfg.EmbeddedBroker, Topics: g.topics, SDKAppID: cfg.SDKAppID, Key: cfg.Key, Now: g.now, Logger: log,
-			RateLimit: cfg.RateLimit, MaxExpiredAge: cfg.MaxExpiredAge, stats: g.stats,
+			RateLimit: cfg.RateLimit, MaxExpiredAge: cfg.MaxExpiredAge, stats: g.stats, Busy: g.brokerDropped, pending: cfg.embeddedPending, pipeBuffer: cfg.embeddedPipeBuffer,
 		})
 		if err != nil {
 			return err
@@ -143,6 +151,15 @@ func Run(ctx context.Context, cfg ServeConfig) error {
 		defer emb.Close()
 		eo := emb.BrokerOptions()
 		bo.ClientID, bo.Dial = eo.ClientID, eo.Dial
+		if wrap := cfg.wrapGatewayConn; wrap != nil {
+			bo.Dial = func(ctx context.Context) (net.Conn, error) {
+				c, err := eo.Dial(ctx)
+				if err != nil {
+					return nil, err
+				}
+				return wrap(c), nil
+			}
+		}
 		brokerAddr = emb.Addr()
 		log.Info("embedded broker listening", "addr", brokerAddr.String(), "topics", g.topics.UpFilter())
 	} else if bo.URL == "" {
