@@ -45,8 +45,12 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 		// The embedded broker takes the UserSig as the password.
 		pass = d.sig
 	}
+	keepAlive := e.keepAlive
+	if keepAlive == 0 {
+		keepAlive = 5 * time.Second
+	}
 	o := paho.NewClientOptions().SetClientID(inst).SetUsername(user).SetPassword(pass).
-		SetCleanSession(true).SetConnectTimeout(10 * time.Second).SetKeepAlive(5 * time.Second).
+		SetCleanSession(true).SetConnectTimeout(10 * time.Second).SetKeepAlive(keepAlive).
 		SetAutoReconnect(true).SetMaxReconnectInterval(500 * time.Millisecond).SetConnectRetry(false).SetProtocolVersion(4).
 		SetOrderMatters(false)
 	for _, i := range nodes {
@@ -62,7 +66,10 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 	o.SetOnConnectHandler(func(c paho.Client) {
 		for c.IsConnectionOpen() {
 			tok := c.Subscribe(topics.Down(user, inst), 1, d.handle)
-			if tok.WaitTimeout(10*time.Second) && tok.Error() == nil && subGranted(tok) {
+			// A SUBACK can take long on a loaded node (the subscription is
+			// a consumer to create): subscribing again meanwhile would make
+			// another.
+			if tok.WaitTimeout(60*time.Second) && tok.Error() == nil && subGranted(tok) {
 				d.subscribed.Store(true)
 				return
 			}

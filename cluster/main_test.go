@@ -95,6 +95,9 @@ type env struct {
 	broker  string            // without a cluster: the embedded broker's URL
 	// replicas is the gateways' --nats-kv-replicas (3; 1 on one node).
 	replicas int
+	// keepAlive is the simulated devices' MQTT keepalive (0: 5 s, so that
+	// a dead node is noticed quickly).
+	keepAlive time.Duration
 }
 
 // newEnv starts a three-node cluster whose accounts include knows the
