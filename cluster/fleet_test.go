@@ -67,9 +67,9 @@ func (e *env) sim(t testing.TB, user, inst string, nodes ...int) *sim {
 		for c.IsConnectionOpen() {
 			tok := c.Subscribe(topics.Down(user, inst), 1, d.handle)
 			// A SUBACK can take long on a loaded node (the subscription is
-			// a consumer to create): subscribing again meanwhile would make
-			// another.
-			if tok.WaitTimeout(60*time.Second) && tok.Error() == nil && subGranted(tok) {
+			// a consumer to create): chatd waits 20 s, longer than the
+			// node's js_api_timeout, before it gives up.
+			if tok.WaitTimeout(20*time.Second) && tok.Error() == nil && subGranted(tok) {
 				d.subscribed.Store(true)
 				return
 			}

@@ -29,6 +29,10 @@ type Session struct {
 	// Conn is the device connection that logged in or last resumed the
 	// session, when the device names its connections (mqtt.Message.Conn).
 	Conn string `json:"conn,omitempty"`
+	// Gone are the last few connections of the session's instance whose
+	// goodbye (offline) the gateway has had: a late request from one of
+	// them does not put the session online on a connection that is dead.
+	Gone []string `json:"-"`
 
 	EndedAt   time.Time `json:"ended_at,omitzero"`
 	EndReason string    `json:"end_reason,omitempty"` // one of the End* constants
@@ -345,6 +349,22 @@ func (e *engine) setOnline(s *Session, online bool) {
 	}
 }
 
+// maxGoneConns bounds Session.Gone.
+const maxGoneConns = 4
+
+// present puts s online on conn, as a login or resume from that connection
+// says, unless the connection has already said goodbye: a request that
+// reaches the gateway after its connection's offline (a copy delayed by a
+// partition, a resume overtaken by the Will) leaves the presence as it is.
+func (e *engine) present(s *Session, now time.Time, conn string) {
+	s.LastSeen = now
+	if conn != "" && slices.Contains(s.Gone, conn) {
+		return
+	}
+	e.setOnline(s, true)
+	s.Conn = conn
+}
+
 func instKey(user, instance string) string { return user + "/" + instance }
 
 // kickedOffline reports whether the instance carries the flag. Only
@@ -496,7 +516,16 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 		return reply(mqtt.Message{Type: mqtt.TypeLogoutResult})
 	case mqtt.TypeOffline:
 		for _, s := range e.userSessions(user) {
-			if !s.Active() || !s.Online || s.Instance != instance {
+			if !s.Active() || s.Instance != instance {
+				continue
+			}
+			if m.Conn != "" && !slices.Contains(s.Gone, m.Conn) {
+				// A new slice each time: records and caches hold copies.
+				g := append(slices.Clone(s.Gone), m.Conn)
+				s.Gone = g[max(0, len(g)-maxGoneConns):]
+				e.touch(s)
+			}
+			if !s.Online {
 				continue
 			}
 			// Presence is per connection: an offline message that names
@@ -583,24 +612,27 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 
 	var out []Outbound
 	// The same instance logging in again is not a new instance, so it
-	// kicks nobody. With the same UserSig it is the same login sent again
+	// kicks nobody. With a UserSig of the same expiry on the same platform
+	// (the same UserSig, as far as the gateway can tell) it is the same
+	// login sent again
 	// (under a new request id, as after a lost answer): it continues the
 	// session, so that however many copies are carried out, and in
 	// whichever order, the device holds the session the gateway has.
 	// Another UserSig replaces the session.
+	var gone []string // the replaced session's dead connections
 	for _, s := range e.userSessions(user) {
 		if !s.Active() || s.Instance != instance {
 			continue
 		}
 		if s.Platform == platform && s.ExpiresAt.Equal(t.ExpiresAt()) {
-			e.setOnline(s, true)
-			s.LastSeen, s.Conn = now, m.Conn
+			e.present(s, now, m.Conn)
 			e.touch(s)
 			e.count(user, statLogin, strconv.Itoa(codes.OK))
 			e.markActive(user, now)
 			e.failed.delete(user)
 			return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
 		}
+		gone = append(gone, s.Gone...)
 		e.end(s, now, EndReplaced)
 	}
 	for _, s := range e.victims(user, platform) {
@@ -613,9 +645,11 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 		Platform:  platform,
 		LoginAt:   now,
 		ExpiresAt: t.ExpiresAt(),
-		Online:    true,
 		LastSeen:  now,
-		Conn:      m.Conn,
+		Gone:      gone,
+	}
+	if m.Conn == "" || !slices.Contains(gone, m.Conn) {
+		s.Online, s.Conn = true, m.Conn
 	}
 	e.addSession(s)
 	e.touch(s)
@@ -686,9 +720,7 @@ func (e *engine) resume(now time.Time, user, instance string, m mqtt.Message) mq
 	}
 	switch s.EndReason {
 	case "":
-		e.setOnline(s, true)
-		s.LastSeen = now
-		s.Conn = m.Conn
+		e.present(s, now, m.Conn)
 		e.touch(s)
 		e.markActive(user, now)
 		r.ServerTimeMs = now.UnixMilli()
@@ -933,7 +965,9 @@ func (e *engine) record(user string) *UserRecord {
 	r := &UserRecord{RevokedAt: e.revoked[user]}
 	if u, ok := e.users[user]; ok {
 		for _, s := range e.userSessions(user) {
-			r.Sessions = append(r.Sessions, *s)
+			c := *s
+			c.Gone = slices.Clone(s.Gone)
+			r.Sessions = append(r.Sessions, c)
 		}
 		for inst, st := range u.insts {
 			if st.KickedOffline {
@@ -998,6 +1032,7 @@ func (e *engine) setUser(user string, r *UserRecord) {
 		for i := range r.Sessions {
 			s := r.Sessions[i]
 			s.UserID = user
+			s.Gone = slices.Clone(s.Gone)
 			e.addSession(&s)
 		}
 		for inst, at := range r.KickedOffline {

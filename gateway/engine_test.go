@@ -534,3 +534,89 @@ func (r *recorder) Publish(topic string, _ byte, _ []byte) error {
 	r.topics = append(r.topics, topic)
 	return nil
 }
+
+// Presence follows the connections that are alive, whatever order the
+// copies of a login, the resumes and the goodbyes of a device's connections
+// arrive in: a request from a connection whose goodbye came first does not
+// put the session online on it.
+func TestPresenceIgnoresRequestsFromGoneConnections(t *testing.T) {
+	type step struct {
+		msg  mqtt.Message // sent by user alice, instance a
+		want string       // "online CONN" or "offline", afterwards
+	}
+	sig := func(r *rig) string { return r.sig("alice", time.Hour) }
+	for _, tc := range []struct {
+		name  string
+		steps func(r *rig) []step
+	}{
+		{"late copy of the login from a dead connection", func(r *rig) []step {
+			s := sig(r)
+			return []step{
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: s, Conn: "cB"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cA"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: s, Conn: "cA"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cB"}, "offline"},
+			}
+		}},
+		{"copies in order, the first connection's goodbye between them", func(r *rig) []step {
+			s := sig(r)
+			return []step{
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: s, Conn: "cA"}, "online cA"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cA"}, "offline"},
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: s, Conn: "cB"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cA"}, "online cB"},
+			}
+		}},
+		{"a resume overtaken by its connection's goodbye", func(r *rig) []step {
+			return []step{
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: sig(r), Conn: "cA"}, "online cA"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cA"}, "offline"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cB"}, "offline"},
+				{mqtt.Message{Type: mqtt.TypeResume, ID: "r1", Conn: "cB"}, "offline"},
+				{mqtt.Message{Type: mqtt.TypeResume, ID: "r2", Conn: "cC"}, "online cC"},
+			}
+		}},
+		{"a new UserSig from a dead connection", func(r *rig) []step {
+			first := sig(r)
+			r.now = r.now.Add(time.Second)
+			second := sig(r)
+			return []step{
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l1", UserSig: first, Conn: "cB"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeOffline, Conn: "cA"}, "online cB"},
+				{mqtt.Message{Type: mqtt.TypeLogin, ID: "l2", UserSig: second, Conn: "cA"}, "offline"},
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, nil)
+			session := func() string {
+				if s := r.e.ActiveSessions("alice"); len(s) == 1 {
+					return s[0].ID
+				}
+				return ""
+			}
+			for i, st := range tc.steps(r) {
+				if st.msg.Type == mqtt.TypeResume {
+					st.msg.Session = session()
+				}
+				out := r.send("alice", "a", st.msg)
+				for _, o := range out {
+					if o.Msg.Type == mqtt.TypeKick || o.Msg.Code != 0 {
+						t.Fatalf("step %d (%s %s): %v", i, st.msg.Type, st.msg.Conn, summary(out))
+					}
+				}
+				ss := r.e.ActiveSessions("alice")
+				if len(ss) != 1 {
+					t.Fatalf("step %d: %d active sessions, want 1", i, len(ss))
+				}
+				got := "offline"
+				if ss[0].Online {
+					got = "online " + ss[0].Conn
+				}
+				if got != st.want {
+					t.Fatalf("step %d (%s from %s): %s, want %s", i, st.msg.Type, st.msg.Conn, got, st.want)
+				}
+			}
+		})
+	}
+}

@@ -194,7 +194,8 @@ func (s *kvStore) startWatch(ctx, life context.Context, keys string, opts ...jet
 const loadCatchUp = 5 * time.Second
 
 // Load reads every record, including every write acknowledged before it
-// was called. The watch that reads them may be served by a replica that
+// was called (waiting up to loadCatchUp for it). The watch that reads them
+// may be served by a replica that
 // is behind its leader (a consumer of a replicated stream lives on any of
 // its servers), so Load first asks the leader for the bucket's last
 // revision, and reads again until it has seen that far.
@@ -212,8 +213,9 @@ func (s *kvStore) Load(ctx context.Context) ([]StoredRecord, error) {
 			return recs, err
 		}
 		if time.Now().After(deadline) {
-			// Nothing at the last revision (removed by hand): what the
-			// replica has is all there is.
+			// A replica still behind, or nothing left at the last
+			// revision (removed by hand): what was read is returned, and
+			// the gateway's watch, started before, brings what follows.
 			s.log.Warn("state bucket: read up to an earlier revision than its leader's last", "bucket", s.bucket, "read", seen, "last", last)
 			return recs, nil
 		}

@@ -139,17 +139,18 @@ type answerJSON struct {
 }
 
 type sessionJSON struct {
-	ID        string `json:"id"`
-	Instance  string `json:"i"`
-	Platform  string `json:"p"`
-	LoginAt   int64  `json:"l"`
-	ExpiresAt int64  `json:"x"`
-	Online    bool   `json:"o,omitempty"`
-	LastSeen  int64  `json:"ls,omitempty"`
-	Conn      string `json:"c,omitempty"`
-	EndedAt   int64  `json:"e,omitempty"`
-	EndReason string `json:"er,omitempty"`
-	KickedBy  string `json:"kb,omitempty"`
+	ID        string   `json:"id"`
+	Instance  string   `json:"i"`
+	Platform  string   `json:"p"`
+	LoginAt   int64    `json:"l"`
+	ExpiresAt int64    `json:"x"`
+	Online    bool     `json:"o,omitempty"`
+	LastSeen  int64    `json:"ls,omitempty"`
+	Conn      string   `json:"c,omitempty"`
+	Gone      []string `json:"g,omitempty"`
+	EndedAt   int64    `json:"e,omitempty"`
+	EndReason string   `json:"er,omitempty"`
+	KickedBy  string   `json:"kb,omitempty"`
 }
 
 func unixNano(t time.Time) int64 {
@@ -172,7 +173,7 @@ func encodeRecord(user string, r *UserRecord) ([]byte, error) {
 	for _, s := range r.Sessions {
 		j.Sessions = append(j.Sessions, sessionJSON{ID: s.ID, Instance: s.Instance, Platform: s.Platform,
 			LoginAt: unixNano(s.LoginAt), ExpiresAt: unixNano(s.ExpiresAt), Online: s.Online, LastSeen: unixNano(s.LastSeen),
-			Conn: s.Conn, EndedAt: unixNano(s.EndedAt), EndReason: s.EndReason, KickedBy: s.KickedBy})
+			Conn: s.Conn, Gone: s.Gone, EndedAt: unixNano(s.EndedAt), EndReason: s.EndReason, KickedBy: s.KickedBy})
 	}
 	if len(r.KickedOffline) > 0 {
 		j.Flags = map[string]int64{}
@@ -213,7 +214,7 @@ func decodeRecord(user string, v []byte) (*UserRecord, error) {
 		}
 		r.Sessions = append(r.Sessions, Session{ID: s.ID, UserID: user, Instance: s.Instance, Platform: s.Platform,
 			LoginAt: fromNano(s.LoginAt), ExpiresAt: fromNano(s.ExpiresAt), Online: s.Online, LastSeen: fromNano(s.LastSeen),
-			Conn: s.Conn, EndedAt: fromNano(s.EndedAt), EndReason: s.EndReason, KickedBy: s.KickedBy})
+			Conn: s.Conn, Gone: s.Gone, EndedAt: fromNano(s.EndedAt), EndReason: s.EndReason, KickedBy: s.KickedBy})
 	}
 	if len(j.Flags) > 0 {
 		r.KickedOffline = map[string]time.Time{}

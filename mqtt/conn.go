@@ -178,7 +178,10 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 		return nil, fmt.Errorf("connecting to %s: %w", strings.Join(o.Brokers, ", "), err)
 	}
 	t = c.c.Subscribe(o.Topics.Down(o.UserID, o.Instance), QoSReply, c.onMessage)
-	if err := wait(ctx, t, 10*time.Second); err != nil {
+	// Longer than a NATS node waits for JetStream to make the subscription's
+	// consumer before it gives up (mqtt.js_api_timeout, 15 s in build/nats):
+	// giving up first would leave the node making a consumer for nobody.
+	if err := wait(ctx, t, subscribeTimeout); err != nil {
 		c.c.Disconnect(0)
 		return nil, fmt.Errorf("subscribing to %s: %w", o.Topics.Down(o.UserID, o.Instance), err)
 	}
@@ -186,7 +189,7 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 		for _, q := range st.Result() {
 			if q == 0x80 {
 				c.c.Disconnect(0)
-				return nil, fmt.Errorf("the broker refused the subscription to %s: check the broker ACL (build/mosquitto/acl) and that the broker username is the UserID and the client id the instance id", o.Topics.Down(o.UserID, o.Instance))
+				return nil, fmt.Errorf("the broker refused the subscription to %s: check the broker ACL (build/mosquitto/acl) and that the broker username is the UserID and the client id the instance id; on NATS, the device account's permissions and jetstream.limits.default_max_consumers (build/nats)", o.Topics.Down(o.UserID, o.Instance))
 			}
 		}
 	}
@@ -194,6 +197,9 @@ func Dial(ctx context.Context, o DialOptions) (*Conn, error) {
 }
 
 // wait waits for a paho token without ever hanging: bounded by ctx and d.
+// subscribeTimeout bounds the wait for the SUBACK of the down topic.
+const subscribeTimeout = 20 * time.Second
+
 func wait(ctx context.Context, t paho.Token, d time.Duration) error {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
