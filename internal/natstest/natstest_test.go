@@ -4,6 +4,7 @@ package natstest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -239,20 +240,30 @@ func kv(t *testing.T, nc *nats.Conn, bucket string, create bool) jetstream.KeyVa
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if create {
-		k, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Replicas: 3, History: 1})
-		if err != nil {
-			t.Fatalf("creating bucket %s: %v", bucket, err)
+	// An answer can be lost while a fresh cluster settles (as the gateway
+	// finds, which retries too): each attempt gets 10 s, all of them a
+	// minute. Creating a bucket that exists with the same configuration
+	// succeeds, so a retry after a lost answer is safe.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		var k jetstream.KeyValue
+		var err error
+		if create {
+			k, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Replicas: 3, History: 1})
+		} else {
+			k, err = js.KeyValue(ctx, bucket)
 		}
-		return k
+		cancel()
+		if err == nil {
+			return k
+		}
+		if time.Now().After(deadline) || errors.Is(err, jetstream.ErrBucketNotFound) {
+			t.Fatalf("bucket %s (create %v): %v", bucket, create, err)
+		}
+		t.Logf("bucket %s (create %v): %v; trying again", bucket, create, err)
+		time.Sleep(500 * time.Millisecond)
 	}
-	k, err := js.KeyValue(ctx, bucket)
-	if err != nil {
-		t.Fatalf("bucket %s: %v", bucket, err)
-	}
-	return k
 }
 
 // put retries a put until it succeeds (an election after a node's death
