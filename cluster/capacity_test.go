@@ -106,18 +106,8 @@ func capacityRun(b *testing.B, name string, nodes, gates, n, inflight int) capRe
 		e.gateway(fmt.Sprintf("g%d", i))
 	}
 	devs := make([]*sim, n)
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, capConnecting)
 	connStart := time.Now()
-	for i, u := range us {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			devs[i] = e.sim(b, u, "i-"+u, i%nodes)
-		}()
-	}
-	wg.Wait()
+	eachInflight(n, capConnecting, func(i int) { devs[i] = e.sim(b, us[i], "i-"+us[i], i%nodes) })
 	connects := float64(n) / time.Since(connStart).Seconds()
 	for i, d := range devs {
 		if d == nil {
@@ -126,31 +116,19 @@ func capacityRun(b *testing.B, name string, nodes, gates, n, inflight int) capRe
 	}
 	b.ResetTimer()
 	lat := make([]time.Duration, n)
-	var next, retries, failed atomic.Int64
+	var retries, failed atomic.Int64
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	start := time.Now()
-	wg = sync.WaitGroup{}
-	for range inflight {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n {
-					return
-				}
-				t0 := time.Now()
-				r, attempts, err := devs[i].login(ctx, devs[i].sig)
-				lat[i] = time.Since(t0)
-				retries.Add(int64(attempts - 1))
-				if err != nil || r.Code != 0 {
-					failed.Add(1)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	eachInflight(n, inflight, func(i int) {
+		t0 := time.Now()
+		r, attempts, err := devs[i].login(ctx, devs[i].sig)
+		lat[i] = time.Since(t0)
+		retries.Add(int64(attempts - 1))
+		if err != nil || r.Code != 0 {
+			failed.Add(1)
+		}
+	})
 	elapsed := time.Since(start)
 	b.StopTimer()
 	if f := failed.Load(); f > 0 {

@@ -243,6 +243,24 @@ func (d *sim) logout(within time.Duration) (mqtt.Message, error) {
 	return r, err
 }
 
+// eachInflight calls fn(i) for every i below n, from inflight goroutines
+// that each take the next i as they finish one, and returns when all
+// calls have.
+func eachInflight(n, inflight int, fn func(i int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(inflight, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+				fn(i)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // loginAll logs every device in, inflight at a time, as chatd would
 // (retrying), calling each(i) after the i-th answer; it fails the test
 // for any device that does not end logged in.
@@ -250,33 +268,21 @@ func loginAll(t *testing.T, devs []*sim, inflight int, within time.Duration, eac
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), within)
 	defer cancel()
-	var next, done atomic.Int64
-	var wg sync.WaitGroup
+	var done atomic.Int64
 	errs := make(chan error, len(devs))
-	for range inflight {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= len(devs) {
-					return
-				}
-				d := devs[i]
-				r, _, err := d.login(ctx, d.sig)
-				switch {
-				case err != nil:
-					errs <- err
-				case r.Code != 0:
-					errs <- fmt.Errorf("%s/%s: login refused: %d %s", d.user, d.inst, r.Code, r.Desc)
-				}
-				if each != nil {
-					each(int(done.Add(1)))
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	eachInflight(len(devs), inflight, func(i int) {
+		d := devs[i]
+		r, _, err := d.login(ctx, d.sig)
+		switch {
+		case err != nil:
+			errs <- err
+		case r.Code != 0:
+			errs <- fmt.Errorf("%s/%s: login refused: %d %s", d.user, d.inst, r.Code, r.Desc)
+		}
+		if each != nil {
+			each(int(done.Add(1)))
+		}
+	})
 	close(errs)
 	n := 0
 	for err := range errs {

@@ -37,7 +37,6 @@ var key = usersig.NewSecret(keyText)
 func TestMain(m *testing.M) {
 	code := m.Run()
 	proctest.Cleanup()
-	natstest.Cleanup()
 	os.Exit(code)
 }
 

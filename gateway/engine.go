@@ -520,7 +520,8 @@ func (e *engine) Handle(now time.Time, user, instance string, m mqtt.Message) []
 				continue
 			}
 			if m.Conn != "" && !slices.Contains(s.Gone, m.Conn) {
-				// A new slice each time: records and caches hold copies.
+				// A new slice each time, never one changed in place:
+				// records and caches share it.
 				g := append(slices.Clone(s.Gone), m.Conn)
 				s.Gone = g[max(0, len(g)-maxGoneConns):]
 				e.touch(s)
@@ -610,48 +611,35 @@ func (e *engine) login(now time.Time, user, instance string, m mqtt.Message, rep
 		}
 	}
 
-	var out []Outbound
 	// The same instance logging in again is not a new instance, so it
 	// kicks nobody. With a UserSig of the same expiry on the same platform
 	// (the same UserSig, as far as the gateway can tell) it is the same
-	// login sent again
-	// (under a new request id, as after a lost answer): it continues the
-	// session, so that however many copies are carried out, and in
-	// whichever order, the device holds the session the gateway has.
-	// Another UserSig replaces the session.
+	// login sent again (under a new request id, as after a lost answer):
+	// it continues the session, so that however many copies are carried
+	// out, and in whichever order, the device holds the session the
+	// gateway has. Another UserSig replaces the session.
+	var out []Outbound
+	var s *Session
 	var gone []string // the replaced session's dead connections
-	for _, s := range e.userSessions(user) {
-		if !s.Active() || s.Instance != instance {
+	for _, old := range e.userSessions(user) {
+		if !old.Active() || old.Instance != instance {
 			continue
 		}
-		if s.Platform == platform && s.ExpiresAt.Equal(t.ExpiresAt()) {
-			e.present(s, now, m.Conn)
-			e.touch(s)
-			e.count(user, statLogin, strconv.Itoa(codes.OK))
-			e.markActive(user, now)
-			e.failed.delete(user)
-			return reply(mqtt.Message{Type: mqtt.TypeLoginResult, Session: s.ID, ServerTimeMs: now.UnixMilli(), UserSigExpiresAt: s.ExpiresAt.Unix()})
+		if old.Platform == platform && old.ExpiresAt.Equal(t.ExpiresAt()) {
+			s = old
+			break
 		}
-		gone = append(gone, s.Gone...)
-		e.end(s, now, EndReplaced)
+		gone = append(gone, old.Gone...)
+		e.end(old, now, EndReplaced)
 	}
-	for _, s := range e.victims(user, platform) {
-		out = append(out, e.kick(now, s, mqtt.KickOtherInstance, platform)...)
+	if s == nil {
+		for _, v := range e.victims(user, platform) {
+			out = append(out, e.kick(now, v, mqtt.KickOtherInstance, platform)...)
+		}
+		s = &Session{ID: e.newID(), UserID: user, Instance: instance, Platform: platform, LoginAt: now, ExpiresAt: t.ExpiresAt(), Gone: gone}
+		e.addSession(s)
 	}
-	s := &Session{
-		ID:        e.newID(),
-		UserID:    user,
-		Instance:  instance,
-		Platform:  platform,
-		LoginAt:   now,
-		ExpiresAt: t.ExpiresAt(),
-		LastSeen:  now,
-		Gone:      gone,
-	}
-	if m.Conn == "" || !slices.Contains(gone, m.Conn) {
-		s.Online, s.Conn = true, m.Conn
-	}
-	e.addSession(s)
+	e.present(s, now, m.Conn)
 	e.touch(s)
 	e.count(user, statLogin, strconv.Itoa(codes.OK))
 	e.markActive(user, now)
@@ -965,9 +953,7 @@ func (e *engine) record(user string) *UserRecord {
 	r := &UserRecord{RevokedAt: e.revoked[user]}
 	if u, ok := e.users[user]; ok {
 		for _, s := range e.userSessions(user) {
-			c := *s
-			c.Gone = slices.Clone(s.Gone)
-			r.Sessions = append(r.Sessions, c)
+			r.Sessions = append(r.Sessions, *s)
 		}
 		for inst, st := range u.insts {
 			if st.KickedOffline {
@@ -1032,7 +1018,6 @@ func (e *engine) setUser(user string, r *UserRecord) {
 		for i := range r.Sessions {
 			s := r.Sessions[i]
 			s.UserID = user
-			s.Gone = slices.Clone(s.Gone)
 			e.addSession(&s)
 		}
 		for inst, at := range r.KickedOffline {

@@ -139,12 +139,12 @@ const watchStartTimeout = 5 * time.Second
 
 var errNoAnswer = fmt.Errorf("no answer within %s", watchStartTimeout)
 
-// startWatch starts a watch of keys that lives as long as
-// life, trying again while ctx allows. nats.go waits for the creation of
-// the watch's consumer as long as the watch's own context allows, which is
-// its whole life: an answer lost on the way (a route coming up, a leader
-// moving) would keep it waiting for ever. So each attempt gets
-// watchStartTimeout, and one that runs out is cancelled and made again.
+// startWatch starts a watch of keys that lives as long as life, trying
+// again while ctx allows. nats.go waits for the creation of the watch's
+// consumer as long as the watch's own context allows, which is its whole
+// life: an answer lost on the way (a route coming up, a leader moving)
+// would keep it waiting for ever. So each attempt gets watchStartTimeout,
+// and one that runs out is cancelled and made again.
 func (s *kvStore) startWatch(ctx, life context.Context, keys string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, context.CancelFunc, error) {
 	type started struct {
 		w   jetstream.KeyWatcher
@@ -162,19 +162,22 @@ func (s *kvStore) startWatch(ctx, life context.Context, keys string, opts ...jet
 		var err error
 		select {
 		case r := <-done:
-			t.Stop()
 			if r.err == nil {
+				t.Stop()
 				return r.w, cancel, nil
 			}
 			err = r.err
+			cancel()
 		case <-t.C:
 			err = errNoAnswer
+			cancel()
+			<-done // a cancelled creation returns at once
 		case <-ctx.Done():
-			t.Stop()
 			err = ctx.Err()
+			cancel()
+			<-done
 		}
-		cancel()
-		<-done // a cancelled creation returns at once
+		t.Stop()
 		if ctx.Err() != nil {
 			return nil, nil, fmt.Errorf("starting a watch: %w (last attempt: %w)", ctx.Err(), err)
 		}
@@ -195,10 +198,10 @@ const loadCatchUp = 5 * time.Second
 
 // Load reads every record, including every write acknowledged before it
 // was called (waiting up to loadCatchUp for it). The watch that reads them
-// may be served by a replica that
-// is behind its leader (a consumer of a replicated stream lives on any of
-// its servers), so Load first asks the leader for the bucket's last
-// revision, and reads again until it has seen that far.
+// may be served by a replica that is behind its leader (a consumer of a
+// replicated stream lives on any of its servers), so Load first asks the
+// leader for the bucket's last revision, and reads again until it has seen
+// that far.
 func (s *kvStore) Load(ctx context.Context) ([]StoredRecord, error) {
 	var last uint64
 	if st, err := s.kv.Status(ctx); err != nil {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -15,6 +16,7 @@ import (
 // call waits for as long as its context allows.
 type lostWatchKV struct {
 	jetstream.KeyValue
+	refused   atomic.Int32 // creations still to refuse at once (a timeout)
 	lost      atomic.Int32 // creations still to lose
 	attempts  atomic.Int32
 	abandoned atomic.Int32 // lost creations whose context was cancelled
@@ -22,6 +24,9 @@ type lostWatchKV struct {
 
 func (k *lostWatchKV) Watch(ctx context.Context, keys string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
 	k.attempts.Add(1)
+	if k.refused.Add(-1) >= 0 {
+		return nil, nats.ErrTimeout
+	}
 	if k.lost.Add(-1) >= 0 {
 		<-ctx.Done()
 		k.abandoned.Add(1)
@@ -65,6 +70,18 @@ func TestKVWatchCreationLostIsRetried(t *testing.T) {
 	}
 	if got := revisionOf(g, "alice"); got == 0 {
 		t.Error("alice's record was not loaded")
+	}
+
+	// A creation refused at once (a timeout the client saw) is made again.
+	lost.refused.Store(1)
+	before := lost.attempts.Load()
+	g2, err := NewContext(t.Context(), Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Store: st})
+	if err != nil {
+		t.Fatalf("starting with one refused watch creation: %v", err)
+	}
+	g2.Close()
+	if got := lost.attempts.Load() - before; got != 3 {
+		t.Errorf("watch creations with one refused: %d, want 3 (the refused one, its retry, the load)", got)
 	}
 
 	// The retried watch follows other writers.

@@ -15,51 +15,14 @@
 package natstest
 
 import (
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"testing"
 
 	"chatd/internal/proctest"
 )
 
-var (
-	buildMu  sync.Mutex
-	binPath  string
-	buildDir string
-)
-
 // Binary builds nats-server (the version go.mod pins as a tool) once per
-// test binary and returns its path.
+// test binary and returns its path; proctest.Cleanup removes it.
 func Binary(t testing.TB) string {
 	t.Helper()
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	if binPath != "" {
-		return binPath
-	}
-	d, err := os.MkdirTemp("", "chatd-natstest-bin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(d, "nats-server")
-	cmd := exec.Command("go", "build", "-o", out, "github.com/nats-io/nats-server/v2")
-	cmd.Dir = proctest.ModuleRoot(t)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		os.RemoveAll(d)
-		t.Fatalf("building nats-server from the pinned module: %v\n%s", err, b)
-	}
-	buildDir, binPath = d, out
-	return out
-}
-
-// Cleanup removes the built binary; call it from TestMain after m.Run.
-func Cleanup() {
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-		buildDir, binPath = "", ""
-	}
+	return proctest.BuildPackage(t, "nats-server", "github.com/nats-io/nats-server/v2")
 }

@@ -29,7 +29,7 @@ import (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	Cleanup()
+	proctest.Cleanup()
 	os.Exit(code)
 }
 

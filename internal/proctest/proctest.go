@@ -31,6 +31,14 @@ var (
 // qemu-user the binaries are built for the emulated machine.
 func Binary(t testing.TB, name string) string {
 	t.Helper()
+	return BuildPackage(t, name, "./cmd/"+name)
+}
+
+// BuildPackage builds the main package pkg (a path in this module, or one
+// of a module go.mod requires, as its tools) into a binary called name,
+// once per test binary, and returns its path.
+func BuildPackage(t testing.TB, name, pkg string) string {
+	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()
 	if p, ok := built[name]; ok {
@@ -45,10 +53,10 @@ func Binary(t testing.TB, name string) string {
 	}
 	root := ModuleRoot(t)
 	out := filepath.Join(buildDir, name)
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/"+name)
+	cmd := exec.Command("go", "build", "-o", out, pkg)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building %s: %v\n%s", name, err, b)
+		t.Fatalf("building %s (%s): %v\n%s", name, pkg, err, b)
 	}
 	built[name] = out
 	return out
