@@ -276,27 +276,16 @@ type loginResult struct {
 }
 
 func benchLogins(ctx context.Context, o options) (table, error) {
-	t := table{title: fmt.Sprintf("Logins: %d devices, %d in flight, embedded broker", o.devices, o.inflight),
+	t := table{title: fmt.Sprintf("Logins: %d devices, %d in flight, embedded broker and Mosquitto", o.devices, o.inflight),
 		note: "Every device is connected first; then all log in, " + strconv.Itoa(o.inflight) + " at a time. The baseline is a do-nothing responder " +
-			"on the same embedded broker, answering every request at once with a canned success (no UserSig check, no state).",
+			"on the same broker, answering every request at once with a canned success (no UserSig check, no state). " +
+			"On Mosquitto (the shipped `build/mosquitto/mosquitto.conf`, only paths and port changed) the devices log in with accounts of the password file, " +
+			"chatgw runs as a process of its own and the responder is a client with the gateway's account.",
 		header: []string{"", "logins/s", "p50", "p99"}}
 	if o.procs {
-		t.note += " Each broker (chatgw, the responder) runs as a process of its own (`-procs`), the devices in the benchmark's."
+		t.note += " On the embedded broker each broker (chatgw, the responder) runs as a process of its own (`-procs`), the devices in the benchmark's."
 	} else {
-		t.note += " Brokers and devices run in the benchmark's process."
-	}
-	var gw, base []loginResult
-	for range o.runs {
-		r, err := loginRun(ctx, o, false)
-		if err != nil {
-			return t, fmt.Errorf("gateway logins: %w", err)
-		}
-		gw = append(gw, r)
-		r, err = loginRun(ctx, o, true)
-		if err != nil {
-			return t, fmt.Errorf("responder logins: %w", err)
-		}
-		base = append(base, r)
+		t.note += " On the embedded broker, brokers and devices run in the benchmark's process."
 	}
 	med := func(rs []loginResult) loginResult {
 		var a, b, c []float64
@@ -305,12 +294,42 @@ func benchLogins(ctx context.Context, o options) (table, error) {
 		}
 		return loginResult{median(a), time.Duration(median(b)), time.Duration(median(c))}
 	}
-	g, b := med(gw), med(base)
-	measuredCapacity = g.rate
-	t.rows = [][]string{
-		{"chatgw (embedded broker, state file)", fmt.Sprintf("%.0f", g.rate), g.p50.Round(time.Millisecond / 10).String(), g.p99.Round(time.Millisecond / 10).String()},
-		{"do-nothing responder (baseline)", fmt.Sprintf("%.0f", b.rate), b.p50.Round(time.Millisecond / 10).String(), b.p99.Round(time.Millisecond / 10).String()},
-		{"ratio", fmt.Sprintf("%.2fx", g.rate/b.rate), fmt.Sprintf("%.2fx", float64(g.p50)/float64(b.p50)), fmt.Sprintf("%.2fx", float64(g.p99)/float64(b.p99))},
+	row := func(name string, r loginResult) []string {
+		return []string{name, fmt.Sprintf("%.0f", r.rate), r.p50.Round(time.Millisecond / 10).String(), r.p99.Round(time.Millisecond / 10).String()}
+	}
+	ratioRow := func(name string, g, b loginResult) []string {
+		return []string{name, fmt.Sprintf("%.2fx", g.rate/b.rate), fmt.Sprintf("%.2fx", float64(g.p50)/float64(b.p50)), fmt.Sprintf("%.2fx", float64(g.p99)/float64(b.p99))}
+	}
+	brokers := []bool{false}
+	if _, err := exec.LookPath("mosquitto"); err == nil {
+		brokers = append(brokers, true)
+	}
+	for _, mosq := range brokers {
+		var gw, base []loginResult
+		for range o.runs {
+			r, err := loginRun(ctx, o, false, mosq)
+			if err != nil {
+				return t, fmt.Errorf("gateway logins (Mosquitto %v): %w", mosq, err)
+			}
+			gw = append(gw, r)
+			r, err = loginRun(ctx, o, true, mosq)
+			if err != nil {
+				return t, fmt.Errorf("responder logins (Mosquitto %v): %w", mosq, err)
+			}
+			base = append(base, r)
+		}
+		g, b := med(gw), med(base)
+		if !mosq {
+			measuredCapacity = g.rate
+			t.rows = append(t.rows, row("chatgw (embedded broker, state file)", g), row("do-nothing responder (baseline)", b),
+				ratioRow("ratio (targets: logins/s >= 0.5x, p99 <= 3x)", g, b))
+			continue
+		}
+		t.rows = append(t.rows, row("chatgw on Mosquitto (state file)", g), row("do-nothing responder on Mosquitto (baseline)", b),
+			ratioRow("ratio on Mosquitto", g, b))
+	}
+	if len(brokers) == 1 {
+		t.rows = append(t.rows, []string{"Mosquitto", "not installed", "", ""})
 	}
 	return t, nil
 }
@@ -319,7 +338,7 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
 // loginRun starts a broker (with the gateway, or with the responder),
 // connects the devices, and times their logins.
-func loginRun(ctx context.Context, o options, responder bool) (loginResult, error) {
+func loginRun(ctx context.Context, o options, responder, mosquitto bool) (loginResult, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	dir, err := os.MkdirTemp("", "chatd-bench-")
@@ -328,8 +347,25 @@ func loginRun(ctx context.Context, o options, responder bool) (loginResult, erro
 	}
 	defer os.RemoveAll(dir)
 	var addr string
+	password := func(user, sig string) string { return sig }
 	topics := mqtt.Topics{Prefix: mqtt.DefaultPrefix}
 	switch {
+	case mosquitto:
+		w, err := newWorld(ctx, o.bins, true, deviceUsers("d", o.devices))
+		if err != nil {
+			return loginResult{}, err
+		}
+		defer w.close()
+		if responder {
+			stop, err := w.startMosquittoResponder(ctx)
+			if err != nil {
+				return loginResult{}, err
+			}
+			defer stop()
+		} else if err := w.startGateway(o.bins); err != nil {
+			return loginResult{}, err
+		}
+		addr, password = w.addr, w.devicePassword
 	case o.procs:
 		// The broker in a process of its own, so that each process holds
 		// one end of every connection (the open-file limit).
@@ -391,7 +427,7 @@ func loginRun(ctx context.Context, o options, responder bool) (loginResult, erro
 		}
 		defer func() { cancel(); <-done }()
 	}
-	devs, err := connectDevices(ctx, "tcp://"+addr, topics, o.devices, "d")
+	devs, err := connectDevices(ctx, "tcp://"+addr, topics, o.devices, "d", password)
 	if err != nil {
 		return loginResult{}, err
 	}
@@ -492,9 +528,22 @@ type device struct {
 	answers         chan mqtt.Message
 }
 
-// connectDevices connects n devices (user prefix+i, instance "i"), each
-// subscribed to its down topic, 64 at a time.
-func connectDevices(ctx context.Context, broker string, topics mqtt.Topics, n int, prefix string) ([]*device, error) {
+// deviceUser is the user of connectDevices' device i; deviceUsers are
+// the users of n devices.
+func deviceUser(prefix string, i int) string { return fmt.Sprintf("%s%05d", prefix, i) }
+
+func deviceUsers(prefix string, n int) []string {
+	us := make([]string, n)
+	for i := range us {
+		us[i] = deviceUser(prefix, i)
+	}
+	return us
+}
+
+// connectDevices connects n devices (user prefix+i, instance "i-" and the
+// user), each subscribed to its down topic, 64 at a time; password gives a
+// device's MQTT password from its user and its UserSig.
+func connectDevices(ctx context.Context, broker string, topics mqtt.Topics, n int, prefix string, password func(user, sig string) string) ([]*device, error) {
 	devs := make([]*device, n)
 	errs := make(chan error, n)
 	sem := make(chan struct{}, 64)
@@ -504,14 +553,14 @@ func connectDevices(ctx context.Context, broker string, topics mqtt.Topics, n in
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			user := fmt.Sprintf("%s%05d", prefix, i)
+			user := deviceUser(prefix, i)
 			sig, err := usersig.Generate(appID, key, user, 24*time.Hour, time.Now())
 			if err != nil {
 				errs <- err
 				return
 			}
 			d := &device{user: user, inst: "i-" + user, sig: sig, answers: make(chan mqtt.Message, 8)}
-			o := paho.NewClientOptions().AddBroker(broker).SetClientID(d.inst).SetUsername(user).SetPassword(sig).
+			o := paho.NewClientOptions().AddBroker(broker).SetClientID(d.inst).SetUsername(user).SetPassword(password(user, sig)).
 				SetAutoReconnect(false).SetConnectTimeout(30 * time.Second).SetKeepAlive(5 * time.Minute)
 			d.c = paho.NewClient(o)
 			if tok := d.c.Connect(); !tok.WaitTimeout(60*time.Second) || tok.Error() != nil {
@@ -623,7 +672,7 @@ func memoryRun(ctx context.Context, bin, keyFile, state string, n int) (idle, lo
 	if err != nil {
 		return 0, 0, err
 	}
-	devs, err := connectDevices(ctx, "tcp://"+addr, mqtt.Topics{Prefix: mqtt.DefaultPrefix}, n, "m")
+	devs, err := connectDevices(ctx, "tcp://"+addr, mqtt.Topics{Prefix: mqtt.DefaultPrefix}, n, "m", func(_, sig string) string { return sig })
 	if err != nil {
 		return 0, 0, err
 	}

@@ -5,11 +5,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -38,6 +40,15 @@ type NATSOptions struct {
 	// Queue is the queue group the gateways of a fleet share: each device
 	// message goes to one of them (default DefaultNATSQueue).
 	Queue string
+	// Shards is the number of accounts the fleet's devices are spread
+	// over (default 1; at most MaxNATSShards). Each account has MQTT
+	// streams of its own, and nats-server's cost per QoS 1 message grows
+	// with the subscriptions of its account. A user's devices are in
+	// account NATSShard(user, Shards); the gateway connects to each, as
+	// NATSShardUser(User, i) with Password (a user and password only),
+	// and Conn (or the first connection) is shard 0's, which also holds
+	// the state bucket.
+	Shards int
 	// Name is the connection's name in the servers' monitoring (default
 	// "chatgw").
 	Name string
@@ -54,6 +65,33 @@ type NATSOptions struct {
 
 // DefaultNATSQueue is the queue group of the gateways when none is set.
 const DefaultNATSQueue = "chatgw"
+
+// MaxNATSShards bounds NATSOptions.Shards.
+const MaxNATSShards = 64
+
+// NATSShard is the account, 0 to shards-1, that holds user's devices when
+// a fleet's devices are spread over shards accounts: the FNV-1a hash (32
+// bits) of the UserID modulo shards. chatgw nats-accounts places the
+// devices by it, and a gateway sends to a user's devices through its
+// connection to that account.
+func NATSShard(user string, shards int) int {
+	if shards <= 1 {
+		return 0
+	}
+	h := fnv.New32a()
+	h.Write([]byte(user))
+	return int(h.Sum32() % uint32(shards))
+}
+
+// NATSShardUser is the gateway's NATS user in shard i's account: user in
+// shard 0, user-i in the others (user names are one namespace across a
+// server's accounts).
+func NATSShardUser(user string, i int) string {
+	if i == 0 {
+		return user
+	}
+	return user + "-" + strconv.Itoa(i)
+}
 
 // mqttPubHeader is the header nats-server's MQTT bridge reads on messages
 // from NATS publishers: the QoS to deliver at (and, after it, the MQTT
@@ -197,6 +235,22 @@ func (p natsPublisher) Publish(topic string, qos byte, payload []byte) error {
 	return err
 }
 
+// shardedPublisher sends to a device through the connection to the
+// account that holds it.
+type shardedPublisher struct {
+	pubs []natsPublisher
+	down string // the down topics' prefix, up to the UserID
+}
+
+func (p shardedPublisher) Publish(topic string, qos byte, payload []byte) error {
+	rest, ok := strings.CutPrefix(topic, p.down)
+	user, _, ok2 := strings.Cut(rest, "/")
+	if !ok || !ok2 || user == "" {
+		return fmt.Errorf("%q is not a down topic", topic)
+	}
+	return p.pubs[NATSShard(user, len(p.pubs))].Publish(topic, qos, payload)
+}
+
 // reconnectDelay is the wait before the attempt-th pass over the servers:
 // doubling from 250 ms to 10 s, with jitter.
 func reconnectDelay(attempt int) time.Duration {
@@ -213,6 +267,9 @@ func (no *NATSOptions) defaults() {
 	}
 	if no.Name == "" {
 		no.Name = "chatgw"
+	}
+	if no.Shards == 0 {
+		no.Shards = 1
 	}
 	if no.QueueSize == 0 {
 		no.QueueSize = 4096
@@ -305,12 +362,37 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	if err != nil {
 		return err
 	}
+	if no.Shards < 1 || no.Shards > MaxNATSShards {
+		return fmt.Errorf("%d device accounts (shards): use 1 to %d", no.Shards, MaxNATSShards)
+	}
+	if no.Shards > 1 && no.User == "" {
+		return errors.New("devices spread over several accounts (nats_shards) need the gateway's user and password (nats_user, nats_password_file): its user in each account is derived from it")
+	}
 	nc := no.Conn
 	if nc == nil {
 		if nc, err = DialNATS(no); err != nil {
 			return err
 		}
 		defer nc.Close()
+	}
+	conns := []*nats.Conn{nc}
+	for i := 1; i < no.Shards; i++ {
+		so := no
+		so.User, so.Name = NATSShardUser(no.User, i), no.Name+"-"+strconv.Itoa(i)
+		c, err := DialNATS(so)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	allUp := func() bool {
+		for _, c := range conns {
+			if !c.IsConnected() {
+				return false
+			}
+		}
+		return true
 	}
 	q := newFairQueue[inbound](no.PerDeviceQueue, no.QueueSize)
 	g.queue.Store(q)
@@ -325,71 +407,94 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		default:
 		}
 	}
-	nc.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
-		g.brokerUp.Store(false)
-		g.log.Warn("lost the NATS connection; reconnecting", "err", err)
-		poke()
-	})
-	nc.SetReconnectHandler(func(c *nats.Conn) {
-		g.brokerUp.Store(true)
-		g.log.Info("reconnected to NATS", "server", c.ConnectedUrlRedacted())
-		poke()
-	})
-	nc.SetClosedHandler(func(*nats.Conn) { g.brokerUp.Store(false); poke() })
 	// A refused subscription is permanent until the accounts are fixed:
 	// ServeNATS returns it.
 	refused := make(chan error, 1)
-	nc.SetErrorHandler(func(_ *nats.Conn, s *nats.Subscription, err error) {
-		subj := ""
-		if s != nil {
-			subj = s.Subject
+	var wrongShardLogged atomic.Int64
+	subs := make([]*nats.Subscription, len(conns))
+	pubs := make([]natsPublisher, len(conns))
+	for i, c := range conns {
+		shard := []any{}
+		if len(conns) > 1 {
+			shard = []any{"shard", i}
 		}
-		g.log.Error("NATS error", "subject", subj, "err", err)
-		if refusesSub(err, upSubject) {
-			select {
-			case refused <- fmt.Errorf("NATS refused the gateway's subscription to %s in queue group %s: %w (give the gateway's user these permissions: chatgw nats-accounts writes them)", upSubject, no.Queue, err):
-			default:
+		c.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
+			g.brokerUp.Store(false)
+			g.log.Warn("lost the NATS connection; reconnecting", append(shard, "err", err)...)
+			poke()
+		})
+		c.SetReconnectHandler(func(c *nats.Conn) {
+			g.brokerUp.Store(allUp())
+			g.log.Info("reconnected to NATS", append(shard, "server", c.ConnectedUrlRedacted())...)
+			poke()
+		})
+		c.SetClosedHandler(func(*nats.Conn) { g.brokerUp.Store(false); poke() })
+		c.SetErrorHandler(func(_ *nats.Conn, s *nats.Subscription, err error) {
+			subj := ""
+			if s != nil {
+				subj = s.Subject
 			}
+			g.log.Error("NATS error", append(shard, "subject", subj, "err", err)...)
+			if refusesSub(err, upSubject) {
+				select {
+				case refused <- fmt.Errorf("NATS refused the gateway's subscription to %s in queue group %s%s: %w (give the gateway's user these permissions: chatgw nats-accounts writes them)", upSubject, no.Queue, shardNote(no, i), err):
+				default:
+				}
+			}
+		})
+		handler := func(m *nats.Msg) {
+			topic, err := subjectToTopic(m.Subject)
+			if err != nil {
+				g.stats.dropped(dropBadTopic)
+				g.log.Debug("dropped message", "subject", m.Subject, "err", err)
+				return
+			}
+			user, instance, err := g.parseUp(topic)
+			if err != nil {
+				g.stats.dropped(dropBadTopic)
+				g.log.Debug("dropped message", "topic", topic, "err", err)
+				return
+			}
+			if want := NATSShard(user, len(conns)); want != i {
+				// Its answers would go to another account: the accounts
+				// were written for another number of shards.
+				g.stats.dropped(dropWrongShard)
+				if now := time.Now().UnixNano(); now-wrongShardLogged.Load() > int64(10*time.Second) {
+					wrongShardLogged.Store(now)
+					g.log.Error("a device's message came through another account than its UserID's shard: write the accounts with chatgw nats-accounts --shards N and serve with the same nats_shards",
+						"user", user, "account_shard", i, "shard", want, "shards", len(conns))
+				}
+				return
+			}
+			key := instKey(user, instance)
+			limMu.Lock()
+			ok := lim.allow(key, time.Now())
+			limMu.Unlock()
+			if !ok {
+				g.stats.dropped(dropRateLimited)
+				g.stats.throttled.With("gateway").Add(1)
+				return
+			}
+			g.enqueueInbound(q, key, inbound{topic: topic, payload: m.Data})
 		}
-	})
-
-	handler := func(m *nats.Msg) {
-		topic, err := subjectToTopic(m.Subject)
+		sub, err := c.QueueSubscribe(upSubject, no.Queue, handler)
 		if err != nil {
-			g.stats.dropped(dropBadTopic)
-			g.log.Debug("dropped message", "subject", m.Subject, "err", err)
-			return
+			return fmt.Errorf("subscribing to %s in queue group %s: %w", upSubject, no.Queue, err)
 		}
-		user, instance, err := g.parseUp(topic)
-		if err != nil {
-			g.stats.dropped(dropBadTopic)
-			g.log.Debug("dropped message", "topic", topic, "err", err)
-			return
+		// The fair queue bounds what waits; this only keeps a stalled
+		// gateway from holding unbounded memory in the client.
+		sub.SetPendingLimits(4*no.QueueSize, 64<<20)
+		subs[i] = sub
+		if pubs[i], err = newNATSPublisher(c, no.PublishTimeout, g.log, func() { g.stats.publishFails.Add(1) }); err != nil {
+			return fmt.Errorf("JetStream on NATS: %w", err)
 		}
-		key := instKey(user, instance)
-		limMu.Lock()
-		ok := lim.allow(key, time.Now())
-		limMu.Unlock()
-		if !ok {
-			g.stats.dropped(dropRateLimited)
-			g.stats.throttled.With("gateway").Add(1)
-			return
-		}
-		g.enqueueInbound(q, key, inbound{topic: topic, payload: m.Data})
 	}
-	sub, err := nc.QueueSubscribe(upSubject, no.Queue, handler)
-	if err != nil {
-		return fmt.Errorf("subscribing to %s in queue group %s: %w", upSubject, no.Queue, err)
+	if len(pubs) == 1 {
+		g.SetPublisher(pubs[0])
+	} else {
+		g.SetPublisher(shardedPublisher{pubs: pubs, down: strings.TrimSuffix(g.topics.Down("u", "i"), "u/i")})
 	}
-	// The fair queue bounds what waits; this only keeps a stalled gateway
-	// from holding unbounded memory in the client.
-	sub.SetPendingLimits(4*no.QueueSize, 64<<20)
-	pub, err := newNATSPublisher(nc, no.PublishTimeout, g.log, func() { g.stats.publishFails.Add(1) })
-	if err != nil {
-		return fmt.Errorf("JetStream on NATS: %w", err)
-	}
-	g.SetPublisher(pub)
-	g.brokerUp.Store(nc.IsConnected())
+	g.brokerUp.Store(allUp())
 
 	timersDone := make(chan error, 1)
 	senderDone := make(chan struct{})
@@ -399,17 +504,30 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	go func() { g.runSender(tctx); close(senderDone) }()
 	go func() {
 		defer close(readyDone)
-		g.awaitNATSSubscription(tctx, nc, upSubject, no.Queue, changed)
+		for _, c := range conns {
+			if !g.awaitNATSSubscription(tctx, c, upSubject, allUp, changed) {
+				return
+			}
+		}
+		g.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "subject", upSubject, "queue", no.Queue, "accounts", len(conns))
+		g.subscribedOnce.Do(func() {
+			g.log.Info("gateway ready: subscribed to the device topics", "filter", g.topics.UpFilter(), "subject", upSubject, "queue", no.Queue)
+			close(g.subscribed)
+		})
 	}()
 	defer func() {
 		cancelTimers()
 		<-timersDone
 		<-senderDone
 		<-readyDone
-		sub.Unsubscribe()
-		// What was decided goes out before the connection is left.
+		for _, sub := range subs {
+			sub.Unsubscribe()
+		}
+		// What was decided goes out before the connections are left.
 		g.sendQueued()
-		nc.FlushTimeout(2 * time.Second)
+		for _, c := range conns {
+			c.FlushTimeout(2 * time.Second)
+		}
 		if no.Conn != nil {
 			nc.SetDisconnectErrHandler(nil)
 			nc.SetReconnectHandler(nil)
@@ -435,7 +553,7 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	stop()
 	<-watchDone
 	if fatal == nil {
-		g.drainNATS(sub, q)
+		g.drainNATS(subs, q)
 	}
 	return fatal
 }
@@ -447,9 +565,12 @@ const drainTimeout = 5 * time.Second
 // get the devices' next messages, and handles what this gateway had
 // already received instead of dropping it (its devices would have to send
 // it again); the deferred end of ServeNATS then sends the answers.
-func (g *Gateway) drainNATS(sub *nats.Subscription, q *fairQueue[inbound]) {
+func (g *Gateway) drainNATS(subs []*nats.Subscription, q *fairQueue[inbound]) {
 	deadline := time.Now().Add(drainTimeout)
-	if err := sub.Drain(); err == nil {
+	for _, sub := range subs {
+		sub.Drain()
+	}
+	for _, sub := range subs {
 		for sub.IsDraining() && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
 		}
@@ -481,30 +602,24 @@ func refusesSub(err error, subject string) bool {
 	return errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), "Subscription to \""+subject+"\"")
 }
 
-// awaitNATSSubscription marks the gateway ready once the server has
-// confirmed the subscription (a flush round trip after it while
-// connected), trying again at every connection change and every second.
-func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subject, queue string, changed <-chan struct{}) {
+// awaitNATSSubscription waits until the server has confirmed nc's
+// subscriptions (a flush round trip after them while connected), trying
+// again at every connection change and every second; false when ctx ended
+// or the server refused the subscription to subject. up says whether every
+// connection of the gateway is up.
+func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subject string, up func() bool, changed <-chan struct{}) bool {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
 		if nc.IsConnected() {
-			g.brokerUp.Store(true)
+			g.brokerUp.Store(up())
 			fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			err := nc.FlushWithContext(fctx)
 			cancel()
 			if err == nil {
 				// The server answers a refused SUB with an error before
 				// the flush's PONG, and the client records it first.
-				if refusesSub(nc.LastError(), subject) {
-					return
-				}
-				g.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "subject", subject, "queue", queue)
-				g.subscribedOnce.Do(func() {
-					g.log.Info("gateway ready: subscribed to the device topics", "filter", g.topics.UpFilter(), "subject", subject, "queue", queue)
-					close(g.subscribed)
-				})
-				return
+				return !refusesSub(nc.LastError(), subject)
 			}
 			if ctx.Err() == nil {
 				g.log.Warn("NATS subscription not confirmed yet; retrying", "err", err)
@@ -512,9 +627,17 @@ func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subj
 		}
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case <-changed:
 		case <-t.C:
 		}
 	}
+}
+
+// shardNote names shard i's account in an error, when there are several.
+func shardNote(no NATSOptions, i int) string {
+	if no.Shards <= 1 {
+		return ""
+	}
+	return fmt.Sprintf(" (device account %d of %d, user %s)", i, no.Shards, NATSShardUser(no.User, i))
 }

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -9,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -488,4 +490,154 @@ func loginsOK(t *testing.T, metrics string) int {
 	}
 	t.Fatal("no chatgw_logins_total{code=\"0\"} in the metrics")
 	return 0
+}
+
+// NATSShard is part of the accounts' layout (chatgw nats-accounts places
+// devices by it): its values must not change. These were computed with
+// an independent FNV-1a.
+func TestNATSShardIsStable(t *testing.T) {
+	for _, tc := range []struct {
+		user         string
+		shards, want int
+	}{
+		{"alice", 2, 1}, {"bob", 2, 0}, {"mallory", 2, 1},
+		{"alice", 3, 2}, {"bob", 3, 2}, {"mallory", 3, 1},
+		{"alice", 4, 3}, {"bob", 4, 0}, {"mallory", 4, 1},
+		{"alice", 1, 0}, {"alice", 0, 0},
+	} {
+		if got := NATSShard(tc.user, tc.shards); got != tc.want {
+			t.Errorf("NATSShard(%q, %d) = %d, want %d", tc.user, tc.shards, got, tc.want)
+		}
+	}
+	if got := NATSShardUser("chatgw", 0); got != "chatgw" {
+		t.Errorf("shard 0's user %q", got)
+	}
+	if got := NATSShardUser("chatgw", 7); got != "chatgw-7" {
+		t.Errorf("shard 7's user %q", got)
+	}
+}
+
+// Devices spread over three accounts (each with MQTT streams of its own)
+// log in through one gateway connected to all three, and the kick of a
+// second login reaches the first instance in its own account. A device
+// put in another account than its UserID's shard is not answered: its
+// message is dropped, counted and logged.
+func TestServeNATSShardedAccounts(t *testing.T) {
+	skipShort(t)
+	const shards = 3
+	users := []string{"u00", "u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08"}
+	perShard := make([][]string, shards)
+	for _, u := range users {
+		perShard[NATSShard(u, shards)] = append(perShard[NATSShard(u, shards)], u)
+	}
+	stray := "stray"
+	strayAt := (NATSShard(stray, shards) + 1) % shards
+	var conf strings.Builder
+	conf.WriteString("accounts {\n")
+	for i := range shards {
+		fmt.Fprintf(&conf, "  A%d { jetstream: enabled, users: [{user: %q, password: gw-secret}", i, NATSShardUser("gw", i))
+		devs := perShard[i]
+		if i == strayAt {
+			devs = append(devs, stray)
+		}
+		for _, u := range devs {
+			fmt.Fprintf(&conf, ", {user: %q, password: %q}", u, u+"-password")
+		}
+		conf.WriteString("] }\n")
+	}
+	conf.WriteString("}\n")
+	for i, us := range perShard {
+		if len(us) == 0 {
+			t.Fatalf("no user of the test is in shard %d: pick others", i)
+		}
+	}
+	n := startNATSNode(t, conf.String())
+	var logs lockedBuffer
+	w := natsWorld(t, n, func(c *ServeConfig) {
+		c.NATS.User, c.NATS.Password, c.NATS.Shards = "gw", "gw-secret", shards
+		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	type dev struct {
+		c   paho.Client
+		got chan mqtt.Message
+	}
+	dial := func(user, inst string) dev {
+		t.Helper()
+		c, err := rawClient(t, n.mqtt, user, inst, user+"-password")
+		if err != nil {
+			t.Fatalf("%s/%s: %v", user, inst, err)
+		}
+		d := dev{c: c, got: make(chan mqtt.Message, 8)}
+		if tok := c.Subscribe("chat/v1/down/"+user+"/"+inst, 1, func(_ paho.Client, m paho.Message) {
+			if r, err := mqtt.Decode(m.Payload()); err == nil {
+				d.got <- r
+			}
+		}); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+		return d
+	}
+	next := func(d dev, what string) mqtt.Message {
+		t.Helper()
+		select {
+		case m := <-d.got:
+			return m
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no %s", what)
+			return mqtt.Message{}
+		}
+	}
+	for _, u := range users {
+		a, b := dial(u, "a-"+u), dial(u, "b-"+u)
+		sig := w.sig(u, time.Hour)
+		a.c.Publish("chat/v1/up/"+u+"/a-"+u, 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "1", UserSig: sig, Platform: "Linux"}))
+		ra := next(a, u+"'s first answer")
+		if ra.Type != mqtt.TypeLoginResult || ra.Code != 0 {
+			t.Fatalf("%s (shard %d): %+v", u, NATSShard(u, shards), ra)
+		}
+		b.c.Publish("chat/v1/up/"+u+"/b-"+u, 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "2", UserSig: sig, Platform: "Linux"}))
+		if rb := next(b, u+"'s second answer"); rb.Code != 0 {
+			t.Fatalf("%s's second login: %+v", u, rb)
+		}
+		if k := next(a, u+"'s kick"); k.Type != mqtt.TypeKick || k.Session != ra.Session {
+			t.Errorf("%s (shard %d): pushed %+v, want the kick of %s", u, NATSShard(u, shards), k, ra.Session)
+		}
+	}
+	s := dial(stray, "s-1")
+	s.c.Publish("chat/v1/up/"+stray+"/s-1", 1, false, mqtt.Encode(mqtt.Message{Type: mqtt.TypeLogin, ID: "1", UserSig: w.sig(stray, time.Hour), Platform: "Linux"}))
+	waitFor(t, "the stray device's message counted", func() bool {
+		return strings.Contains(w.metrics(), `chatgw_messages_dropped_total{reason="wrong_shard"} 1`+"\n")
+	})
+	select {
+	case m := <-s.got:
+		t.Errorf("the device in the wrong account was answered: %+v", m)
+	default:
+	}
+	if u := w.user(stray); len(u.Sessions) != 0 {
+		t.Errorf("the stray device has sessions: %+v", u.Sessions)
+	}
+	if !strings.Contains(logs.String(), "another account than its UserID's shard") {
+		t.Errorf("the log does not say why the stray device is dropped:\n%s", logs.String())
+	}
+	if strings.Contains(logs.String(), "gw-secret") {
+		t.Error("the gateway's password reached its log")
+	}
+}
+
+// lockedBuffer is a bytes.Buffer for a logger written from goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

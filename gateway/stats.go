@@ -120,10 +120,11 @@ const (
 	dropStaleOffline  = "stale_offline"    // offline naming another session or an older connection
 	dropSendQueueFull = "send_queue_full"  // an answer that found the outgoing queue full
 	dropBusy          = "busy"             // the whole queue was full: requests answered 70169 with retry_after_ms
+	dropWrongShard    = "wrong_shard"      // on NATS: through another device account than its UserID's shard
 )
 
 var dropReasons = []string{dropBadTopic, dropMalformed, dropOversized, dropEmpty, dropUnknownType, dropRepeated,
-	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull, dropBusy}
+	dropQueueFull, dropRateLimited, dropRetained, dropStaleOffline, dropSendQueueFull, dropBusy, dropWrongShard}
 
 // Why the embedded broker refused a connection (chatgw_broker_refused_total).
 const (

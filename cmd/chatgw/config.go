@@ -41,6 +41,7 @@ type fileConfig struct {
 	NATSQueue        string `toml:"nats_queue"`
 	NATSKVBucket     string `toml:"nats_kv_bucket"`
 	NATSKVReplicas   int    `toml:"nats_kv_replicas"`
+	NATSShards       int    `toml:"nats_shards"`
 	State            string `toml:"state"`
 	Admin            string `toml:"admin"`
 	AdminGroup       string `toml:"admin_group"`
@@ -111,6 +112,14 @@ var options = []option{
 			return fmt.Errorf("%q is not a positive whole number of replicas", v)
 		}
 		fc.NATSKVReplicas = n
+		return nil
+	}},
+	{"nats_shards", "N", "the device accounts the fleet is spread over, as chatgw nats-accounts --shards wrote them (default 1; needs nats_user)", func(fc *fileConfig, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return fmt.Errorf("%q is not a positive whole number of accounts", v)
+		}
+		fc.NATSShards = n
 		return nil
 	}},
 	{"state", "FILE", "state file (bbolt); empty keeps sessions in memory only", str(func(fc *fileConfig) *string { return &fc.State })},

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -33,7 +34,7 @@ func natsServeConfig(fc fileConfig, cfg *gateway.ServeConfig) error {
 		"nats_user": fc.NATSUser != "", "nats_password_file": fc.NATSPasswordFile != "", "nats_creds": fc.NATSCreds != "",
 		"nats_nkey": fc.NATSNkey != "", "nats_tls_ca": fc.NATSTLSCA != "", "nats_tls_cert": fc.NATSTLSCert != "",
 		"nats_tls_key": fc.NATSTLSKey != "", "nats_queue": fc.NATSQueue != "", "nats_kv_bucket": fc.NATSKVBucket != "",
-		"nats_kv_replicas": fc.NATSKVReplicas != 0,
+		"nats_kv_replicas": fc.NATSKVReplicas != 0, "nats_shards": fc.NATSShards != 0,
 	}
 	if fc.NATS == "" {
 		for _, o := range options {
@@ -102,6 +103,13 @@ func natsServeConfig(fc fileConfig, cfg *gateway.ServeConfig) error {
 		}
 		no.TLS = tc
 	}
+	no.Shards = max(fc.NATSShards, 1)
+	if no.Shards > gateway.MaxNATSShards {
+		return fmt.Errorf("nats_shards %d: use 1 to %d", no.Shards, gateway.MaxNATSShards)
+	}
+	if no.Shards > 1 && fc.NATSUser == "" {
+		return fmt.Errorf("nats_shards %d: devices spread over several accounts need nats_user and nats_password_file (the gateway's user in account i is NAME-i, as chatgw nats-accounts writes it), not a creds or nkey file", no.Shards)
+	}
 	no.Queue = fc.NATSQueue
 	if no.Queue == "" {
 		no.Queue = gateway.DefaultNATSQueue
@@ -146,7 +154,7 @@ type natsAccountsFlags struct {
 	devices, gatewayPasswordFile, systemPasswordFile string
 	gatewayUser, systemUser, account, prefix         string
 	queue, bucket, out                               string
-	cost                                             int
+	cost, shards                                     int
 }
 
 // natsUser is one user of the generated accounts.
@@ -170,6 +178,7 @@ func natsAccounts(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&f.prefix, "topic-prefix", "", "MQTT topic prefix, as serve's topic_prefix (default chat)")
 	fs.StringVar(&f.queue, "queue", gateway.DefaultNATSQueue, "the gateways' queue group, as serve's nats_queue")
 	fs.StringVar(&f.bucket, "kv-bucket", gateway.DefaultKVBucket, "the shared state's bucket, as serve's nats_kv_bucket")
+	fs.IntVar(&f.shards, "shards", 1, fmt.Sprintf("spread the devices over this many accounts, 1 to %d, as serve's nats_shards (about one per 1,000 devices; see docs/scale-out.md)", gateway.MaxNATSShards))
 	fs.IntVar(&f.cost, "bcrypt-cost", bcrypt.DefaultCost, "bcrypt cost of the password hashes (nats-server spends it at every connect)")
 	fs.StringVar(&f.out, "out", "", "write the accounts to this file (mode 0600) instead of standard output")
 	fs.Usage = func() {
@@ -238,34 +247,59 @@ func (f natsAccountsFlags) build() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	if f.shards < 1 || f.shards > gateway.MaxNATSShards {
+		return nil, fmt.Errorf("--shards %d: use 1 to %d", f.shards, gateway.MaxNATSShards)
+	}
 	kv := "KV_" + f.bucket
+	// Answers and pushes: core, and into the MQTT QoS 1 stream.
+	downPub := []string{downAll, "$MQTT.msgs." + downAll}
+	// The up subjects only within the queue group; replies to its
+	// requests on its inbox.
+	upSub := []string{up + " " + f.queue, "_INBOX.>"}
 	gw := natsUser{name: f.gatewayUser, secret: gwSecret, connTypes: []string{"STANDARD"},
-		pub: []string{
-			// Answers and pushes: core, and into the MQTT QoS 1 stream.
-			downAll, "$MQTT.msgs." + downAll,
+		pub: append(downPub,
 			// The shared state's bucket, and nothing else of JetStream.
 			"$JS.API.INFO",
-			"$JS.API.STREAM.INFO." + kv, "$JS.API.STREAM.CREATE." + kv, "$JS.API.STREAM.UPDATE." + kv,
-			"$JS.API.STREAM.MSG.GET." + kv, "$JS.API.DIRECT.GET." + kv, "$JS.API.DIRECT.GET." + kv + ".>",
-			"$JS.API.CONSUMER.CREATE." + kv, "$JS.API.CONSUMER.CREATE." + kv + ".>",
-			"$JS.API.CONSUMER.INFO." + kv + ".>", "$JS.API.CONSUMER.DELETE." + kv + ".>",
-			"$JS.API.CONSUMER.MSG.NEXT." + kv + ".>",
-			"$KV." + f.bucket + ".>", "$JS.ACK." + kv + ".>", "$JS.FC." + kv + ".>",
-		},
-		// The up subjects only within the queue group; replies to its
-		// requests on its inbox.
-		sub: []string{up + " " + f.queue, "_INBOX.>"},
+			"$JS.API.STREAM.INFO."+kv, "$JS.API.STREAM.CREATE."+kv, "$JS.API.STREAM.UPDATE."+kv,
+			"$JS.API.STREAM.MSG.GET."+kv, "$JS.API.DIRECT.GET."+kv, "$JS.API.DIRECT.GET."+kv+".>",
+			"$JS.API.CONSUMER.CREATE."+kv, "$JS.API.CONSUMER.CREATE."+kv+".>",
+			"$JS.API.CONSUMER.INFO."+kv+".>", "$JS.API.CONSUMER.DELETE."+kv+".>",
+			"$JS.API.CONSUMER.MSG.NEXT."+kv+".>",
+			"$KV."+f.bucket+".>", "$JS.ACK."+kv+".>", "$JS.FC."+kv+".>",
+		),
+		sub: upSub,
 	}
-	users := []*natsUser{&gw}
-	seen := map[string]string{f.gatewayUser: "the gateway user"}
+	// One account per shard: shard 0 is --account, with the state bucket;
+	// shard i is ACCOUNT-i, where the gateway is user GATEWAY-i.
+	accounts := make([]natsAccount, f.shards)
+	seen := map[string]string{}
+	for i := range accounts {
+		a := &accounts[i]
+		a.name = f.account
+		u := &gw
+		if i > 0 {
+			a.name = f.account + "-" + strconv.Itoa(i)
+			u = &natsUser{name: gateway.NATSShardUser(f.gatewayUser, i), secret: gwSecret, connTypes: []string{"STANDARD"}, pub: downPub, sub: upSub}
+		}
+		if what, dup := seen[u.name]; dup {
+			return nil, fmt.Errorf("--gateway-user %q: its user %q in shard %d is also %s: NATS user names are one namespace", f.gatewayUser, u.name, i, what)
+		}
+		seen[u.name] = fmt.Sprintf("the gateway user of shard %d", i)
+		a.users = []*natsUser{u}
+	}
+	for i := 1; i < f.shards; i++ {
+		if accounts[i].name == "SYS" || accounts[i].name == "$G" {
+			return nil, fmt.Errorf("--account %s: shard %d's account would be %s, nats-server's own", f.account, i, accounts[i].name)
+		}
+	}
 	var sys *natsUser
 	if f.systemPasswordFile != "" {
 		s, err := readSecret(f.systemPasswordFile)
 		if err != nil {
 			return nil, err
 		}
-		if _, dup := seen[f.systemUser]; dup {
-			return nil, fmt.Errorf("--system-user %q is also the gateway user: NATS user names are one namespace", f.systemUser)
+		if what, dup := seen[f.systemUser]; dup {
+			return nil, fmt.Errorf("--system-user %q is also %s: NATS user names are one namespace", f.systemUser, what)
 		}
 		seen[f.systemUser] = "the system user"
 		sys = &natsUser{name: f.systemUser, secret: s}
@@ -290,9 +324,14 @@ func (f natsAccountsFlags) build() ([]byte, error) {
 		// ($MQTT.sub.<id>) whatever its permissions say, and its MQTT
 		// sessions, QoS 1 and retained messages are written by the server.
 		d.sub = []string{sd}
-		users = append(users, d)
+		a := &accounts[gateway.NATSShard(d.name, f.shards)]
+		a.users = append(a.users, d)
+		a.devices++
 	}
-	all := append([]*natsUser{}, users...)
+	var all []*natsUser
+	for _, a := range accounts {
+		all = append(all, a.users...)
+	}
 	if sys != nil {
 		all = append(all, sys)
 	}
@@ -307,15 +346,26 @@ func (f natsAccountsFlags) build() ([]byte, error) {
 # the JetStream API of bucket %s only) and %d devices, each allowed to
 # publish only its up subjects, to subscribe only to its down subjects, and
 # to connect only over MQTT.
-accounts {
-  %s {
-    jetstream: enabled
-    users: [
-`, f.account, f.gatewayUser, f.queue, f.bucket, len(devs), natsQuote(f.account))
-	for _, u := range users {
-		writeUser(&b, u)
+`, f.account, f.gatewayUser, f.queue, f.bucket, len(devs))
+	if f.shards > 1 {
+		fmt.Fprintf(&b, `# The devices are spread over %d accounts (shards), each with MQTT streams
+# of its own: a device is in shard FNV-1a(UserID) mod %d; shard 0 is %s,
+# shard i is %s-i, where the gateways' user is %s-i (the up and down
+# subjects only). Serve with nats_shards = %d.
+`, f.shards, f.shards, f.account, f.account, f.gatewayUser, f.shards)
 	}
-	b.WriteString("    ]\n  }\n  SYS {\n")
+	b.WriteString("accounts {\n")
+	for i, a := range accounts {
+		if f.shards > 1 {
+			fmt.Fprintf(&b, "  # shard %d: %d devices\n", i, a.devices)
+		}
+		fmt.Fprintf(&b, "  %s {\n    jetstream: enabled\n    users: [\n", natsQuote(a.name))
+		for _, u := range a.users {
+			writeUser(&b, u)
+		}
+		b.WriteString("    ]\n  }\n")
+	}
+	b.WriteString("  SYS {\n")
 	if sys != nil {
 		b.WriteString("    users: [\n")
 		writeUser(&b, sys)
@@ -323,6 +373,13 @@ accounts {
 	}
 	b.WriteString("  }\n}\n")
 	return b.Bytes(), nil
+}
+
+// natsAccount is one account of the generated configuration.
+type natsAccount struct {
+	name    string
+	users   []*natsUser
+	devices int
 }
 
 func mustSubject(topic string) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -22,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/crypto/bcrypt"
 
+	"chatd/gateway"
 	"chatd/internal/proctest"
 	"chatd/mqtt"
 )
@@ -181,6 +183,58 @@ func TestNATSAccountsConfig(t *testing.T) {
 	}
 }
 
+// With --shards the devices go to the account of their UserID's shard
+// (gateway.NATSShard), and each account has a gateway user of its own
+// that may only take the up subjects in the queue group and send to the
+// down subjects; the state bucket's API is shard 0's alone.
+func TestNATSAccountsShards(t *testing.T) {
+	conf := accountsFor(t, "alice alice-password\nbob bob-password\nmallory mallory-password\n", "--shards", "3")
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "accounts.conf"), []byte(conf), 0o600)
+	main := filepath.Join(dir, "main.conf")
+	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
+	opts, err := server.ProcessConfigFile(main)
+	if err != nil {
+		t.Fatalf("nats-server refuses the generated accounts: %v\n%s", err, conf)
+	}
+	got := map[string]string{}
+	users := map[string]*server.User{}
+	for _, u := range opts.Users {
+		got[u.Username] = u.Account.Name
+		users[u.Username] = u
+	}
+	// alice and bob hash to shard 2, mallory to 1; shard 0 has no device.
+	want := map[string]string{"chatgw": "CHAT", "chatgw-1": "CHAT-1", "chatgw-2": "CHAT-2",
+		"alice": "CHAT-2", "bob": "CHAT-2", "mallory": "CHAT-1", "sys": "SYS"}
+	if !maps.Equal(got, want) {
+		t.Errorf("users' accounts %v, want %v", got, want)
+	}
+	for _, name := range []string{"chatgw-1", "chatgw-2"} {
+		u := users[name]
+		if u == nil {
+			continue
+		}
+		if bcrypt.CompareHashAndPassword([]byte(u.Password), []byte("gateway-secret")) != nil {
+			t.Errorf("%s: not the gateways' password", name)
+		}
+		if p := u.Permissions.Publish.Allow; !slices.Equal(p, []string{"chat.v1.down.>", "$MQTT.msgs.chat.v1.down.>"}) {
+			t.Errorf("%s publishes to %q, want the down subjects only", name, p)
+		}
+		if s := u.Permissions.Subscribe.Allow; !slices.Equal(s, []string{"chat.v1.up.*.* chatgw", "_INBOX.>"}) {
+			t.Errorf("%s subscribes to %q", name, s)
+		}
+		if _, ok := u.AllowedConnectionTypes["STANDARD"]; !ok || len(u.AllowedConnectionTypes) != 1 {
+			t.Errorf("%s connects over %v, want STANDARD only", name, u.AllowedConnectionTypes)
+		}
+	}
+	if u := users["chatgw"]; u != nil && !slices.Contains(u.Permissions.Publish.Allow, "$KV.chatgw.>") {
+		t.Errorf("shard 0's gateway user lost the bucket: %q", u.Permissions.Publish.Allow)
+	}
+	if n := strings.Count(conf, "jetstream: enabled"); n != 3 {
+		t.Errorf("%d accounts with JetStream, want 3 (each shard's MQTT streams)\n%s", n, conf)
+	}
+}
+
 func TestNATSAccountsErrors(t *testing.T) {
 	pass := writeFile(t, "pass", "gateway-secret\n")
 	for _, tc := range []struct {
@@ -200,6 +254,9 @@ func TestNATSAccountsErrors(t *testing.T) {
 		{"bad hash", "alice $2a$10$junk\n", nil, "not a valid one"},
 		{"password as an argument", "alice a-password\n", []string{"gateway-secret"}, "takes no arguments"},
 		{"bad queue", "alice a-password\n", []string{"--queue", "a b"}, "--queue"},
+		{"no shards", "alice a-password\n", []string{"--shards", "0"}, "--shards 0: use 1 to 64"},
+		{"too many shards", "alice a-password\n", []string{"--shards", "65"}, "--shards 65: use 1 to 64"},
+		{"a shard's gateway name", "chatgw-1 a-password\n", []string{"--shards", "2"}, "also the gateway user of shard 1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := writeFile(t, "devices", tc.devices)
@@ -245,6 +302,10 @@ func TestServeNATSOptionErrors(t *testing.T) {
 		{"bucket", []string{"--nats", "nats://127.0.0.1:4222", "--nats-kv-bucket", "a.b"}, "nats_kv_bucket"},
 		{"tls key without cert", []string{"--nats", "nats://127.0.0.1:4222", "--nats-tls-key", keyFile}, "set both or neither"},
 		{"wildcard prefix", []string{"--nats", "nats://127.0.0.1:4222", "--topic-prefix", "a/*"}, "wildcard"},
+		{"shards without nats", []string{"--embedded-broker", "127.0.0.1:0", "--nats-shards", "2"}, "nats_shards applies to a NATS cluster only"},
+		{"shards with creds", []string{"--nats", "nats://127.0.0.1:4222", "--nats-creds", pass, "--nats-shards", "2"}, "need nats_user and nats_password_file"},
+		{"too many shards", []string{"--nats", "nats://127.0.0.1:4222", "--nats-user", "chatgw", "--nats-password-file", pass, "--nats-shards", "65"}, "nats_shards 65: use 1 to 64"},
+		{"no shards", []string{"--nats", "nats://127.0.0.1:4222", "--nats-shards", "0"}, "not a positive whole number"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, errOut, code := chatgw(t, append(base, tc.args...)...)
@@ -261,15 +322,20 @@ func TestServeNATSOptionErrors(t *testing.T) {
 // natsFleet is a nats-server with the generated accounts and the real
 // chatgw binary serving on it.
 type natsFleet struct {
-	t     *testing.T
-	ns    *natsServer
-	gw    *proctest.Proc
-	admin string
+	t      *testing.T
+	ns     *natsServer
+	gw     *proctest.Proc
+	admin  string
+	shards int
 }
 
 var fleetPasswords = map[string]string{"alice": "alice-password", "bob": "bob-password", "mallory": "mallory-password"}
 
-func startNATSFleet(t *testing.T) *natsFleet {
+func startNATSFleet(t *testing.T) *natsFleet { t.Helper(); return startNATSFleetShards(t, 1) }
+
+// startNATSFleetShards is startNATSFleet with the devices spread over
+// shards accounts (nats-accounts --shards, serve --nats-shards).
+func startNATSFleetShards(t *testing.T, shards int) *natsFleet {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("starts nats-server and chatgw (skipped with -short)")
@@ -284,14 +350,14 @@ func startNATSFleet(t *testing.T) *natsFleet {
 	}) {
 		fmt.Fprintf(&devices, "%s %s\n", u, fleetPasswords[u])
 	}
-	ns := startNATSServer(t, accountsFor(t, devices.String()))
+	ns := startNATSServer(t, accountsFor(t, devices.String(), "--shards", strconv.Itoa(shards)))
 	keyFile := writeFile(t, "key", testKeyText)
 	gwPass := writeFile(t, "gw-pass", "gateway-secret\n")
 	admin := proctest.FreePort(t)
 	gw := proctest.Start(t, proctest.Binary(t, "chatgw"), "serve", "--sdkappid", strconv.Itoa(appID), "--key-file", keyFile,
-		"--nats", ns.nats, "--nats-user", "chatgw", "--nats-password-file", gwPass, "--admin", admin,
+		"--nats", ns.nats, "--nats-user", "chatgw", "--nats-password-file", gwPass, "--nats-shards", strconv.Itoa(shards), "--admin", admin,
 		"--state", filepath.Join(t.TempDir(), "state.db"))
-	f := &natsFleet{t: t, ns: ns, gw: gw, admin: admin}
+	f := &natsFleet{t: t, ns: ns, gw: gw, admin: admin, shards: shards}
 	proctest.Wait(t, 15*time.Second, "chatgw to be ready on NATS", func() bool {
 		resp, err := http.Get("http://" + admin + "/readyz")
 		if err != nil {
@@ -478,9 +544,15 @@ func kickFor(session string) []byte {
 // The hostile-device suite on NATS with the accounts chatgw nats-accounts
 // writes: each attack of a device account (mallory) against another
 // (alice) leaves alice logged in, connected and told nothing forged, and
-// gives mallory nothing of alice's.
+// gives mallory nothing of alice's. With three shards mallory (shard 1)
+// and alice (shard 2) are in accounts of their own.
 func TestNATSHostileDevices(t *testing.T) {
-	f := startNATSFleet(t)
+	for _, shards := range []int{1, 3} {
+		t.Run(fmt.Sprintf("shards=%d", shards), func(t *testing.T) { hostileDevicesOnNATS(t, startNATSFleetShards(t, shards)) })
+	}
+}
+
+func hostileDevicesOnNATS(t *testing.T, f *natsFleet) {
 	own := "chat/v1/up/mallory/mal-0"
 	for i, tc := range []struct {
 		name   string
@@ -580,9 +652,17 @@ func TestNATSHostileDevices(t *testing.T) {
 			if _, err := f.attacker("chatgw", "guess", "mal-gw", nil); err == nil {
 				t.Error("connected over MQTT as chatgw with a wrong password")
 			}
-			// Even with its password, the gateway's user is no MQTT device.
-			if _, err := f.attacker("chatgw", "gateway-secret", "mal-gw2", nil); err == nil {
-				t.Error("connected over MQTT as the gateway's user")
+			// Even with its password, the gateway's user is no MQTT device,
+			// in any shard's account.
+			for i := range f.shards {
+				name := gateway.NATSShardUser("chatgw", i)
+				if _, err := f.attacker(name, "gateway-secret", "mal-gw2-"+strconv.Itoa(i), nil); err == nil {
+					t.Errorf("connected over MQTT as the gateway's user %s", name)
+				}
+				if nc, err := nats.Connect(f.ns.nats, nats.UserInfo(name, "guess"), nats.NoReconnect(), nats.Timeout(5*time.Second)); err == nil {
+					nc.Close()
+					t.Errorf("connected as %s with a wrong password", name)
+				}
 			}
 			if _, err := f.attacker("alice", fleetPasswords["mallory"], "mal-as-alice", nil); err == nil {
 				t.Error("connected as alice with mallory's password")
