@@ -31,10 +31,23 @@ var (
 	capDevices  = flag.Int("capacity.devices", 10000, "simulated devices per setup")
 	capInflight = flag.Int("capacity.inflight", 256, "logins in flight at once")
 	capOut      = flag.String("capacity.out", "", "write the results to this Markdown file (relative to the module root), between its markers")
+	capShards   = flag.Int("capacity.shards", 0, "device accounts (nats-accounts --shards); 0: one per capacityPerShard devices")
 )
 
 // capConnecting is how many devices connect at once.
 const capConnecting = 32
+
+// capacityPerShard is the devices per account when -capacity.shards is 0:
+// docs/scale-out.md's sizing.
+const capacityPerShard = 1000
+
+// capacityShards is the number of device accounts for n devices.
+func capacityShards(n int) int {
+	if *capShards > 0 {
+		return *capShards
+	}
+	return max(1, (n+capacityPerShard-1)/capacityPerShard)
+}
 
 type capResult struct {
 	name        string
@@ -45,6 +58,7 @@ type capResult struct {
 	retries     int64 // answers that asked for a retry, or none in 5 s
 	kvBytes     uint64
 	kvPerDevice float64
+	shards      int // device accounts
 }
 
 var (
@@ -97,7 +111,8 @@ func BenchmarkCapacity(b *testing.B) {
 // inflight at a time.
 func capacityRun(b *testing.B, name string, nodes, gates, n, inflight int) capResult {
 	us := users("cap", n)
-	e := newEnvNodes(b, us, nodes)
+	shards := capacityShards(n)
+	e := newShardedEnv(b, us, nodes, shards)
 	// Every 5 s from 10,000 devices is 2,000 pings a second, and a ping
 	// answered late under the load of connecting makes a device reconnect
 	// and subscribe again: chatd's own default keepalive.
@@ -140,14 +155,7 @@ func capacityRun(b *testing.B, name string, nodes, gates, n, inflight int) capRe
 		b.Fatalf("the gateways' bucket %s on %s: %+v %v", bucket, e.c.Nodes[0].Name, st, err)
 	}
 	return capResult{name: name, devices: n, connects: connects, rate: float64(n) / elapsed.Seconds(), p50: lat[n/2], p99: lat[n*99/100],
-		retries: retries.Load(), kvBytes: st.Bytes, kvPerDevice: float64(st.Bytes) / float64(n)}
-}
-
-// newEnvNodes is newEnv on a cluster of the given size.
-func newEnvNodes(t testing.TB, users []string, nodes int) *env {
-	t.Helper()
-	requireNATSGateway(t)
-	return newClusterEnv(t, users, nodes)
+		retries: retries.Load(), kvBytes: st.Bytes, kvPerDevice: float64(st.Bytes) / float64(n), shards: shards}
 }
 
 // The benchmark's part of docs/benchmarks.md lies between these markers;
@@ -167,12 +175,15 @@ func capacitySection(rs []capResult, inflight int) string {
 	b.WriteString("Connects/s is the connection phase before: MQTT CONNECT and the QoS 1 subscription to the\n")
 	fmt.Fprintf(&b, "down topic, %d at a time, keepalive 30 s (on the cluster each one writes an R3 session record and makes a\n", capConnecting)
 	b.WriteString("durable consumer).\n")
+	fmt.Fprintf(&b, "The devices are spread over %d NATS accounts (`chatgw nats-accounts --shards %d`, `chatgw serve --nats-shards %d`: one per\n", rs[0].shards, rs[0].shards, rs[0].shards)
+	fmt.Fprintf(&b, "%d devices, each account with MQTT streams of its own; see docs/scale-out.md).\n", capacityPerShard)
 	b.WriteString("The baseline is one gateway on one standalone nats-server (bucket R1); against it, three\n")
 	b.WriteString("gateways on the three-node cluster (bucket R3), the devices spread over the nodes. The KV\n")
 	b.WriteString("bytes are the gateways' bucket on one node (one replica) after the logins, per device.\n")
 	fmt.Fprintf(&b, "Everything runs on one machine (%d CPUs, %s/%s): the ratio is what to compare. Reproduce with\n\n", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH)
 	b.WriteString("    go test -tags cluster -run '^$' -bench Capacity -benchtime 1x -timeout 60m ./cluster/ \\\n")
 	fmt.Fprintf(&b, "        -args -capacity.devices %d -capacity.out docs/benchmarks.md\n\n", rs[0].devices)
+	b.WriteString("(`-capacity.shards N` sets the accounts; 1 puts every device in one.)\n\n")
 	b.WriteString("| | connects/s | logins/s | p50 | p99 | retried requests | KV bytes per device |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
 		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %s | %s | %d | %.0f |\n", r.name, r.connects, r.rate, r.p50.Round(time.Millisecond/10), r.p99.Round(time.Millisecond/10), r.retries, r.kvPerDevice)

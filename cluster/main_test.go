@@ -97,6 +97,9 @@ type env struct {
 	// keepAlive is the simulated devices' MQTT keepalive (0: 5 s, so that
 	// a dead node is noticed quickly).
 	keepAlive time.Duration
+	// shards is the number of device accounts (nats-accounts --shards,
+	// serve --nats-shards).
+	shards int
 }
 
 // newEnv starts a three-node cluster whose accounts include knows the
@@ -111,7 +114,14 @@ func newEnv(t testing.TB, users []string) *env {
 // on nodes nodes (1: a standalone server).
 func newClusterEnv(t testing.TB, users []string, nodes int) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), users: map[string]string{}, replicas: min(nodes, 3)}
+	return newShardedEnv(t, users, nodes, 1)
+}
+
+// newShardedEnv is newClusterEnv with the devices spread over shards
+// accounts.
+func newShardedEnv(t testing.TB, users []string, nodes, shards int) *env {
+	t.Helper()
+	e := &env{t: t, dir: t.TempDir(), users: map[string]string{}, replicas: min(nodes, 3), shards: shards}
 	e.keyFile = filepath.Join(e.dir, "key")
 	if err := os.WriteFile(e.keyFile, []byte(keyText), 0o600); err != nil {
 		t.Fatal(err)
@@ -137,10 +147,12 @@ func newClusterEnv(t testing.TB, users []string, nodes int) *env {
 		os.WriteFile(sysPass, []byte("sys-secret\n"), 0o600)
 		opts.AccountsFile = filepath.Join(e.dir, "accounts.conf")
 		out, err := exec.Command(proctest.Binary(t, "chatgw"), "nats-accounts", "--devices", devs, "--gateway-password-file", e.gwPass,
-			"--system-password-file", sysPass, "--kv-bucket", bucket, "--bcrypt-cost", "4", "--out", opts.AccountsFile).CombinedOutput()
+			"--system-password-file", sysPass, "--kv-bucket", bucket, "--bcrypt-cost", "4", "--shards", strconv.Itoa(shards), "--out", opts.AccountsFile).CombinedOutput()
 		if err != nil {
 			t.Fatalf("chatgw nats-accounts: %v\n%s", err, out)
 		}
+	} else if shards > 1 {
+		t.Skip("this chatgw has no nats-accounts to write sharded accounts")
 	}
 	e.helper = filepath.Join(e.dir, "get-usersig")
 	script := fmt.Sprintf("#!/bin/sh\nexec %s usersig gen --sdkappid %d --key-file %s --user \"$CHATD_USER_ID\" --expire 86400\n",
@@ -190,7 +202,7 @@ func (e *env) gateway(name string, nodes ...int) *gateway {
 	g := &gateway{name: name, admin: filepath.Join(e.dir, name+".sock")}
 	g.p = proctest.Start(e.t, proctest.Binary(e.t, "chatgw"), "serve", "--sdkappid", strconv.Itoa(appID), "--key-file", e.keyFile,
 		"--nats", urls, "--nats-user", "chatgw", "--nats-password-file", e.gwPass,
-		"--nats-kv-bucket", bucket, "--nats-kv-replicas", strconv.Itoa(e.replicas),
+		"--nats-kv-bucket", bucket, "--nats-kv-replicas", strconv.Itoa(e.replicas), "--nats-shards", strconv.Itoa(max(e.shards, 1)),
 		"--admin", g.admin, "--log-level", "debug")
 	g.waitReady(e.t)
 	return g

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"chatd/client"
+	chatgw "chatd/gateway"
 	"chatd/internal/proctest"
 )
 
@@ -71,10 +72,24 @@ func TestGatewayKilledMidLoginBurst(t *testing.T) {
 // kill -9 of the NATS node that leads the gateways' bucket and carries
 // the devices: they reconnect to another node and resume the same
 // session; nothing the gateways stored is lost; a revocation made before
-// the kill still refuses the old UserSig after it.
+// the kill still refuses the old UserSig after it. The devices are spread
+// over two accounts (nats-accounts --shards 2), each with MQTT streams of
+// its own; the other scenarios have one.
 func TestNATSNodeKilled(t *testing.T) {
 	fleet := users("node", 30)
-	e := newEnv(t, append(fleet, "real0", "real1", "rev"))
+	requireNATSGateway(t)
+	e := newShardedEnv(t, append(fleet, "real0", "real1", "rev"), 3, 2)
+	for s := range 2 {
+		n := 0
+		for _, u := range append(fleet, "real0", "real1", "rev") {
+			if chatgw.NATSShard(u, 2) == s {
+				n++
+			}
+		}
+		if n == 0 {
+			t.Fatalf("no device of the scenario in shard %d: pick other names", s)
+		}
+	}
 	g := []*gateway{e.gateway("g0"), e.gateway("g1"), e.gateway("g2")}
 	var leader int
 	proctest.Wait(t, 30*time.Second, "the bucket's stream leader", func() bool {
