@@ -175,8 +175,12 @@ func capacitySection(rs []capResult, inflight int) string {
 	b.WriteString("Connects/s is the connection phase before: MQTT CONNECT and the QoS 1 subscription to the\n")
 	fmt.Fprintf(&b, "down topic, %d at a time, keepalive 30 s (on the cluster each one writes an R3 session record and makes a\n", capConnecting)
 	b.WriteString("durable consumer).\n")
-	fmt.Fprintf(&b, "The devices are spread over %d NATS accounts (`chatgw nats-accounts --shards %d`, `chatgw serve --nats-shards %d`: one per\n", rs[0].shards, rs[0].shards, rs[0].shards)
-	fmt.Fprintf(&b, "%d devices, each account with MQTT streams of its own; see docs/scale-out.md).\n", capacityPerShard)
+	per := "set by -capacity.shards"
+	if rs[0].shards == (rs[0].devices+capacityPerShard-1)/capacityPerShard {
+		per = "one per 1,000 devices"
+	}
+	fmt.Fprintf(&b, "The devices are spread over %d NATS accounts (`chatgw nats-accounts --shards %d`, `chatgw serve --nats-shards %d`: %s,\n", rs[0].shards, rs[0].shards, rs[0].shards, per)
+	b.WriteString("each account with MQTT streams of its own; see docs/scale-out.md).\n")
 	b.WriteString("The baseline is one gateway on one standalone nats-server (bucket R1); against it, three\n")
 	b.WriteString("gateways on the three-node cluster (bucket R3), the devices spread over the nodes. The KV\n")
 	b.WriteString("bytes are the gateways' bucket on one node (one replica) after the logins, per device.\n")

@@ -386,6 +386,9 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		defer c.Close()
 		conns = append(conns, c)
 	}
+	// brokerUp is recomputed under upMu so that two connections' handlers
+	// cannot store their views out of order.
+	var upMu sync.Mutex
 	allUp := func() bool {
 		for _, c := range conns {
 			if !c.IsConnected() {
@@ -393,6 +396,11 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 			}
 		}
 		return true
+	}
+	setUp := func() {
+		upMu.Lock()
+		g.brokerUp.Store(allUp())
+		upMu.Unlock()
 	}
 	q := newFairQueue[inbound](no.PerDeviceQueue, no.QueueSize)
 	g.queue.Store(q)
@@ -407,11 +415,33 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		default:
 		}
 	}
-	// A refused subscription is permanent until the accounts are fixed:
-	// ServeNATS returns it.
-	refused := make(chan error, 1)
-	var wrongShardLogged atomic.Int64
+	// A refused subscription, or a connection the client gave up (the
+	// servers refused its user), is permanent until the accounts are
+	// fixed: ServeNATS returns it.
+	fatalc := make(chan error, 1)
+	fatal := func(err error) {
+		select {
+		case fatalc <- err:
+		default:
+		}
+	}
 	subs := make([]*nats.Subscription, len(conns))
+	// Whatever happens below, the caller's connection is left without this
+	// gateway's subscriptions and handlers.
+	defer func() {
+		for _, sub := range subs {
+			if sub != nil {
+				sub.Unsubscribe()
+			}
+		}
+		if no.Conn != nil {
+			nc.SetDisconnectErrHandler(nil)
+			nc.SetReconnectHandler(nil)
+			nc.SetClosedHandler(nil)
+			nc.SetErrorHandler(nil)
+		}
+	}()
+	var wrongShardLogged atomic.Int64
 	pubs := make([]natsPublisher, len(conns))
 	for i, c := range conns {
 		shard := []any{}
@@ -419,16 +449,24 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 			shard = []any{"shard", i}
 		}
 		c.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
-			g.brokerUp.Store(false)
+			setUp()
 			g.log.Warn("lost the NATS connection; reconnecting", append(shard, "err", err)...)
 			poke()
 		})
 		c.SetReconnectHandler(func(c *nats.Conn) {
-			g.brokerUp.Store(allUp())
+			setUp()
 			g.log.Info("reconnected to NATS", append(shard, "server", c.ConnectedUrlRedacted())...)
 			poke()
 		})
-		c.SetClosedHandler(func(*nats.Conn) { g.brokerUp.Store(false); poke() })
+		c.SetClosedHandler(func(c *nats.Conn) {
+			setUp()
+			poke()
+			if ctx.Err() == nil {
+				// nats.go gives up only on a refusal it got twice in a
+				// row (an authorization violation): never on an outage.
+				fatal(fmt.Errorf("the NATS client gave up its connection%s: %v (check the gateway's user and password, and that the accounts were written with chatgw nats-accounts --shards %d)", shardNote(no, i), c.LastError(), no.Shards))
+			}
+		})
 		c.SetErrorHandler(func(_ *nats.Conn, s *nats.Subscription, err error) {
 			subj := ""
 			if s != nil {
@@ -436,10 +474,7 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 			}
 			g.log.Error("NATS error", append(shard, "subject", subj, "err", err)...)
 			if refusesSub(err, upSubject) {
-				select {
-				case refused <- fmt.Errorf("NATS refused the gateway's subscription to %s in queue group %s%s: %w (give the gateway's user these permissions: chatgw nats-accounts writes them)", upSubject, no.Queue, shardNote(no, i), err):
-				default:
-				}
+				fatal(fmt.Errorf("NATS refused the gateway's subscription to %s in queue group %s%s: %w (give the gateway's user these permissions: chatgw nats-accounts writes them)", upSubject, no.Queue, shardNote(no, i), err))
 			}
 		})
 		handler := func(m *nats.Msg) {
@@ -483,7 +518,7 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		}
 		// The fair queue bounds what waits; this only keeps a stalled
 		// gateway from holding unbounded memory in the client.
-		sub.SetPendingLimits(4*no.QueueSize, 64<<20)
+		sub.SetPendingLimits(4*no.QueueSize, max(64<<20/len(conns), 8<<20))
 		subs[i] = sub
 		if pubs[i], err = newNATSPublisher(c, no.PublishTimeout, g.log, func() { g.stats.publishFails.Add(1) }); err != nil {
 			return fmt.Errorf("JetStream on NATS: %w", err)
@@ -494,7 +529,10 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	} else {
 		g.SetPublisher(shardedPublisher{pubs: pubs, down: strings.TrimSuffix(g.topics.Down("u", "i"), "u/i")})
 	}
-	g.brokerUp.Store(allUp())
+	setUp()
+	if no.Shards > 1 {
+		go g.probeExtraShard(ctx, no, nc)
+	}
 
 	timersDone := make(chan error, 1)
 	senderDone := make(chan struct{})
@@ -505,7 +543,7 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	go func() {
 		defer close(readyDone)
 		for _, c := range conns {
-			if !g.awaitNATSSubscription(tctx, c, upSubject, allUp, changed) {
+			if !g.awaitNATSSubscription(tctx, c, upSubject, setUp, changed) {
 				return
 			}
 		}
@@ -520,30 +558,26 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 		<-timersDone
 		<-senderDone
 		<-readyDone
-		for _, sub := range subs {
+		for i, sub := range subs {
 			sub.Unsubscribe()
+			subs[i] = nil
 		}
 		// What was decided goes out before the connections are left.
 		g.sendQueued()
 		for _, c := range conns {
 			c.FlushTimeout(2 * time.Second)
 		}
-		if no.Conn != nil {
-			nc.SetDisconnectErrHandler(nil)
-			nc.SetReconnectHandler(nil)
-			nc.SetClosedHandler(nil)
-		}
 		g.brokerUp.Store(false)
 		g.SetPublisher(nil)
 	}()
 	qctx, stop := context.WithCancel(ctx)
 	defer stop()
-	var fatal error
+	var failed error
 	watchDone := make(chan struct{})
 	go func() {
 		defer close(watchDone)
 		select {
-		case fatal = <-refused:
+		case failed = <-fatalc:
 			stop()
 		case <-qctx.Done():
 		}
@@ -552,10 +586,35 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 	}
 	stop()
 	<-watchDone
-	if fatal == nil {
+	if failed == nil {
 		g.drainNATS(subs, q)
 	}
-	return fatal
+	return failed
+}
+
+// probeExtraShard logs an error when the servers know a gateway user one
+// past the last shard: the accounts were written for more shards than
+// no.Shards, and the devices of the accounts beyond it are served by no
+// gateway. A refusal (the expected answer) or no answer says nothing.
+func (g *Gateway) probeExtraShard(ctx context.Context, no NATSOptions, nc *nats.Conn) {
+	user := NATSShardUser(no.User, no.Shards)
+	urls := no.URLs
+	if len(urls) == 0 {
+		urls = nc.Servers()
+	}
+	opts := []nats.Option{nats.UserInfo(user, no.Password), nats.NoReconnect(), nats.Timeout(5 * time.Second), nats.Name(no.Name + "-probe")}
+	if no.TLS != nil {
+		opts = append(opts, nats.Secure(no.TLS))
+	}
+	pc, err := nats.Connect(strings.Join(urls, ","), opts...)
+	if err != nil {
+		return
+	}
+	pc.Close()
+	if ctx.Err() == nil {
+		g.log.Error("the NATS servers know the gateway user of a shard beyond nats_shards: the accounts were written for more shards, and the devices of the accounts from this one on get no answer; serve with the --shards the accounts were written with",
+			"user", user, "shards", no.Shards)
+	}
 }
 
 // drainTimeout bounds the handling of what is queued at shutdown.
@@ -605,14 +664,17 @@ func refusesSub(err error, subject string) bool {
 // awaitNATSSubscription waits until the server has confirmed nc's
 // subscriptions (a flush round trip after them while connected), trying
 // again at every connection change and every second; false when ctx ended
-// or the server refused the subscription to subject. up says whether every
-// connection of the gateway is up.
-func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subject string, up func() bool, changed <-chan struct{}) bool {
+// the connection was closed, or the server refused the subscription to
+// subject. setUp sets whether every connection of the gateway is up.
+func (g *Gateway) awaitNATSSubscription(ctx context.Context, nc *nats.Conn, subject string, setUp func(), changed <-chan struct{}) bool {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
+		if nc.IsClosed() {
+			return false // ServeNATS has the closed handler's error
+		}
 		if nc.IsConnected() {
-			g.brokerUp.Store(up())
+			setUp()
 			fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			err := nc.FlushWithContext(fctx)
 			cancel()

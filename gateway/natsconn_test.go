@@ -622,6 +622,50 @@ func TestServeNATSShardedAccounts(t *testing.T) {
 	if strings.Contains(logs.String(), "gw-secret") {
 		t.Error("the gateway's password reached its log")
 	}
+
+	// A gateway told another number of shards than the accounts have.
+	serve := func(t *testing.T, shards int, until func(*lockedBuffer) bool) (error, string) {
+		var logs lockedBuffer
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		done := make(chan error, 1)
+		go func() {
+			done <- Run(ctx, ServeConfig{
+				Options: Options{Config: Config{SDKAppID: testAppID, Key: testKey}, Logger: slog.New(slog.NewTextHandler(&logs, nil))},
+				NATS:    NATSOptions{URLs: []string{n.nats}, User: "gw", Password: "gw-secret", Shards: shards},
+			})
+		}()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case err := <-done:
+				return err, logs.String()
+			case <-tick.C:
+				if until != nil && until(&logs) {
+					cancel()
+					return <-done, logs.String()
+				}
+			case <-ctx.Done():
+				t.Fatalf("the gateway with %d shards neither failed nor logged in 30 s:\n%s", shards, logs.String())
+			}
+		}
+	}
+	t.Run("more shards than accounts", func(t *testing.T) {
+		err, _ := serve(t, shards+1, nil)
+		if err == nil || !strings.Contains(err.Error(), "user gw-3") || !strings.Contains(err.Error(), "--shards 4") {
+			t.Errorf("Run returned %v, want the refused user gw-3 named", err)
+		}
+	})
+	t.Run("fewer shards than accounts", func(t *testing.T) {
+		err, log := serve(t, shards-1, func(l *lockedBuffer) bool { return strings.Contains(l.String(), "beyond nats_shards") })
+		if err != nil {
+			t.Errorf("Run returned %v", err)
+		}
+		if !strings.Contains(log, "user=gw-2") {
+			t.Errorf("the log does not name the extra shard's user:\n%s", log)
+		}
+	})
 }
 
 // lockedBuffer is a bytes.Buffer for a logger written from goroutines.

@@ -287,11 +287,6 @@ func (f natsAccountsFlags) build() ([]byte, error) {
 		seen[u.name] = fmt.Sprintf("the gateway user of shard %d", i)
 		a.users = []*natsUser{u}
 	}
-	for i := 1; i < f.shards; i++ {
-		if accounts[i].name == "SYS" || accounts[i].name == "$G" {
-			return nil, fmt.Errorf("--account %s: shard %d's account would be %s, nats-server's own", f.account, i, accounts[i].name)
-		}
-	}
 	var sys *natsUser
 	if f.systemPasswordFile != "" {
 		s, err := readSecret(f.systemPasswordFile)
