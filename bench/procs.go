@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -298,8 +299,7 @@ func writePasswordFile(path string, accounts map[string]string) error {
 	return os.WriteFile(path, []byte(b.String()), 0o600)
 }
 
-// startGateway starts chatgw and waits until its broker answers (on
-// Mosquitto: until it subscribed, which its readiness file says).
+// startGateway starts chatgw and waits until it is ready (its /readyz).
 func (w *world) startGateway(b *bins) error {
 	args := append(slicesClone(w.gwArgs), "--admin", filepath.Join(w.dir, "admin.sock"))
 	os.Remove(filepath.Join(w.dir, "admin.sock"))
@@ -308,12 +308,23 @@ func (w *world) startGateway(b *bins) error {
 		return err
 	}
 	w.gw = p
+	sock := filepath.Join(w.dir, "admin.sock")
+	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	defer hc.CloseIdleConnections()
+	// Ready: its broker listens and it has subscribed to the devices'
+	// topics (on Mosquitto the broker listens before the gateway runs).
 	ok := waitFor(10*time.Second, func() bool {
 		if p.exited() {
 			return true
 		}
-		_, err := os.Stat(filepath.Join(w.dir, "admin.sock"))
-		return err == nil && listening(w.addr)
+		resp, err := hc.Get("http://chatgw/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && listening(w.addr)
 	})
 	if !ok || p.exited() {
 		return fmt.Errorf("chatgw did not start: %s", p.out.String())
