@@ -112,6 +112,21 @@ func startNATSServer(t *testing.T, accounts string) *natsServer {
 	return &natsServer{s: s, nats: "nats://" + np, mqtt: "tcp://" + mp, mqttPort: port}
 }
 
+// parseAccounts has nats-server read an accounts file the way build/nats's
+// configuration includes it.
+func parseAccounts(t *testing.T, conf string) *server.Options {
+	t.Helper()
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "accounts.conf"), []byte(conf), 0o600)
+	main := filepath.Join(dir, "main.conf")
+	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
+	opts, err := server.ProcessConfigFile(main)
+	if err != nil {
+		t.Fatalf("nats-server refuses the accounts: %v\n%s", err, conf)
+	}
+	return opts
+}
+
 // The generated accounts parse in the real nats-server and say what the
 // page promises: users, hashes, connection types, permissions.
 func TestNATSAccountsConfig(t *testing.T) {
@@ -121,15 +136,7 @@ func TestNATSAccountsConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	devices += "pre-hashed " + string(hash) + "\n"
-	conf := accountsFor(t, devices, "--topic-prefix", "acme.eu")
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "accounts.conf"), []byte(conf), 0o600)
-	main := filepath.Join(dir, "main.conf")
-	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
-	opts, err := server.ProcessConfigFile(main)
-	if err != nil {
-		t.Fatalf("nats-server refuses the generated accounts: %v\n%s", err, conf)
-	}
+	opts := parseAccounts(t, accountsFor(t, devices, "--topic-prefix", "acme.eu"))
 	users := map[string]*server.User{}
 	for _, u := range opts.Users {
 		users[u.Username] = u
@@ -189,14 +196,7 @@ func TestNATSAccountsConfig(t *testing.T) {
 // down subjects; the state bucket's API is shard 0's alone.
 func TestNATSAccountsShards(t *testing.T) {
 	conf := accountsFor(t, "alice alice-password\nbob bob-password\nmallory mallory-password\n", "--shards", "3")
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "accounts.conf"), []byte(conf), 0o600)
-	main := filepath.Join(dir, "main.conf")
-	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
-	opts, err := server.ProcessConfigFile(main)
-	if err != nil {
-		t.Fatalf("nats-server refuses the generated accounts: %v\n%s", err, conf)
-	}
+	opts := parseAccounts(t, conf)
 	got := map[string]string{}
 	users := map[string]*server.User{}
 	for _, u := range opts.Users {
@@ -703,18 +703,11 @@ func hostileDevicesOnNATS(t *testing.T, f *natsFleet) {
 // build/nats/accounts-example.conf is what nats-accounts writes, and
 // nats-server takes it.
 func TestNATSAccountsExample(t *testing.T) {
-	dir := t.TempDir()
 	b, err := os.ReadFile(filepath.Join("..", "..", "build", "nats", "accounts-example.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(dir, "accounts.conf"), b, 0o600)
-	main := filepath.Join(dir, "main.conf")
-	os.WriteFile(main, []byte("include ./accounts.conf\nsystem_account: SYS\n"), 0o600)
-	opts, err := server.ProcessConfigFile(main)
-	if err != nil {
-		t.Fatalf("nats-server refuses accounts-example.conf: %v", err)
-	}
+	opts := parseAccounts(t, string(b))
 	var names []string
 	for _, u := range opts.Users {
 		names = append(names, u.Username)
