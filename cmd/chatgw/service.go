@@ -85,7 +85,7 @@ func runServe(ctx context.Context, cfg gateway.ServeConfig, level string, stderr
 // the fleet while the gateway's allocations per login set how often it
 // runs: at 10,000 devices the default 100 halved the logins per second
 // (docs/benchmarks.md). 300 lets the heap grow to four times what is live
-// between cycles, which cost about 17 % more memory per device there.
+// between cycles, which cost 12 % to 17 % more memory per device there.
 const embeddedGCGOGC = 300
 
 // embeddedGCPercent is the GOGC chatgw sets for cfg: embeddedGCGOGC with
