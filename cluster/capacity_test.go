@@ -41,13 +41,17 @@ const capConnecting = 32
 // docs/scale-out.md's sizing.
 const capacityPerShard = 1000
 
-// capacityShards is the number of device accounts for n devices.
+// capacityShards is the number of device accounts for n devices:
+// -capacity.shards, or defaultShards.
 func capacityShards(n int) int {
 	if *capShards > 0 {
 		return *capShards
 	}
-	return max(1, (n+capacityPerShard-1)/capacityPerShard)
+	return defaultShards(n)
 }
+
+// defaultShards is one account per capacityPerShard devices.
+func defaultShards(n int) int { return max(1, (n+capacityPerShard-1)/capacityPerShard) }
 
 type capResult struct {
 	name        string
@@ -176,7 +180,7 @@ func capacitySection(rs []capResult, inflight int) string {
 	fmt.Fprintf(&b, "down topic, %d at a time, keepalive 30 s (on the cluster each one writes an R3 session record and makes a\n", capConnecting)
 	b.WriteString("durable consumer).\n")
 	per := "set by -capacity.shards"
-	if rs[0].shards == (rs[0].devices+capacityPerShard-1)/capacityPerShard {
+	if rs[0].shards == defaultShards(rs[0].devices) {
 		per = "one per 1,000 devices"
 	}
 	fmt.Fprintf(&b, "The devices are spread over %d NATS accounts (`chatgw nats-accounts --shards %d`, `chatgw serve --nats-shards %d`: %s,\n", rs[0].shards, rs[0].shards, rs[0].shards, per)

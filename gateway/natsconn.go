@@ -494,8 +494,8 @@ func (g *Gateway) ServeNATS(ctx context.Context, no NATSOptions) error {
 				// Its answers would go to another account: the accounts
 				// were written for another number of shards.
 				g.stats.dropped(dropWrongShard)
-				if now := time.Now().UnixNano(); now-wrongShardLogged.Load() > int64(10*time.Second) {
-					wrongShardLogged.Store(now)
+				now, last := time.Now().UnixNano(), wrongShardLogged.Load()
+				if now-last > int64(10*time.Second) && wrongShardLogged.CompareAndSwap(last, now) {
 					g.log.Error("a device's message came through another account than its UserID's shard: write the accounts with chatgw nats-accounts --shards N and serve with the same nats_shards",
 						"user", user, "account_shard", i, "shard", want, "shards", len(conns))
 				}

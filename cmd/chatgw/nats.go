@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -257,16 +258,16 @@ func (f natsAccountsFlags) build() ([]byte, error) {
 	// requests on its inbox.
 	upSub := []string{up + " " + f.queue, "_INBOX.>"}
 	gw := natsUser{name: f.gatewayUser, secret: gwSecret, connTypes: []string{"STANDARD"},
-		pub: append(downPub,
+		pub: slices.Concat(downPub, []string{
 			// The shared state's bucket, and nothing else of JetStream.
 			"$JS.API.INFO",
-			"$JS.API.STREAM.INFO."+kv, "$JS.API.STREAM.CREATE."+kv, "$JS.API.STREAM.UPDATE."+kv,
-			"$JS.API.STREAM.MSG.GET."+kv, "$JS.API.DIRECT.GET."+kv, "$JS.API.DIRECT.GET."+kv+".>",
-			"$JS.API.CONSUMER.CREATE."+kv, "$JS.API.CONSUMER.CREATE."+kv+".>",
-			"$JS.API.CONSUMER.INFO."+kv+".>", "$JS.API.CONSUMER.DELETE."+kv+".>",
-			"$JS.API.CONSUMER.MSG.NEXT."+kv+".>",
-			"$KV."+f.bucket+".>", "$JS.ACK."+kv+".>", "$JS.FC."+kv+".>",
-		),
+			"$JS.API.STREAM.INFO." + kv, "$JS.API.STREAM.CREATE." + kv, "$JS.API.STREAM.UPDATE." + kv,
+			"$JS.API.STREAM.MSG.GET." + kv, "$JS.API.DIRECT.GET." + kv, "$JS.API.DIRECT.GET." + kv + ".>",
+			"$JS.API.CONSUMER.CREATE." + kv, "$JS.API.CONSUMER.CREATE." + kv + ".>",
+			"$JS.API.CONSUMER.INFO." + kv + ".>", "$JS.API.CONSUMER.DELETE." + kv + ".>",
+			"$JS.API.CONSUMER.MSG.NEXT." + kv + ".>",
+			"$KV." + f.bucket + ".>", "$JS.ACK." + kv + ".>", "$JS.FC." + kv + ".>",
+		}),
 		sub: upSub,
 	}
 	// One account per shard: shard 0 is --account, with the state bucket;
